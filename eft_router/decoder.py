@@ -1,0 +1,287 @@
+"""The EFT decoder: plain and speculative sampling over any :class:`Role` backend.
+
+Both modes are one loop over blocks. A block of k draft tokens is drafted by the drafter
+role, verified by every other role in one forward pass each, combined into the target p,
+and settled by the exact acceptance rule. Plain EFT is the block with k = 0: every role
+scores one position and the "bonus" token is a plain sample from p. Randomness comes from
+one seeded generator per request, drawn in a fixed order, so a seed fixes the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Mapping, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .combine import combine
+from .roles import Role
+from .sampling import sampling_probs
+from .spec import BASE_LARGE, BASE_SMALL, FT_LARGE, FT_SMALL, CombinationPlan, EFTSpec, SamplingParams, SpecError, SpeculativeParams
+from .speculative import accept_block
+from .stopping import StopChecker
+
+
+@dataclass(frozen=True)
+class TokenDiagnostics:
+    """Why a token came out: its log-prob under the sampled EFT distribution, under each
+    role, each fine-tune's implicit reward ``l_ft - l_base``, and the total-variation distance
+    between the drafter's sampling distribution and the EFT one at that position."""
+
+    token_id: int
+    logprob: float
+    role_logprobs: dict[str, float]
+    rewards: dict[str, float]
+    drafter_tv: float | None
+
+
+@dataclass
+class GenerationStats:
+    seed: int
+    prompt_tokens: int
+    generated_tokens: int = 0
+    blocks: int = 0
+    drafted_tokens: int = 0
+    accepted_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def accepted_tokens(self) -> int:
+        return sum(self.accepted_per_block)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_block(self) -> float:
+        return self.generated_tokens / self.blocks if self.blocks else 0.0
+
+
+@dataclass
+class StreamChunk:
+    """Tokens accepted in one block (text may lag behind tokens while a stop string or an
+    incomplete character is undecided). The last chunk carries ``finish_reason`` and stats."""
+
+    token_ids: list[int]
+    text: str
+    diagnostics: list[TokenDiagnostics] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: GenerationStats
+    diagnostics: list[TokenDiagnostics]
+
+
+@dataclass
+class ScoreResult:
+    """Per-token log-probs of a continuation: under the EFT distribution softmax(s) and
+    under each role it reads."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    role_logprobs: dict[str, list[float]]
+
+
+_REFERENCE = {FT_LARGE: BASE_LARGE}  # other fine-tunes are fine-tunes of base_small
+
+
+async def _gather(calls: Sequence[Awaitable[torch.Tensor]]) -> list[torch.Tensor]:
+    return [await calls[0]] if len(calls) == 1 else list(await asyncio.gather(*calls))
+
+
+class Engine:
+    """Runs EFT requests against a set of roles sharing one tokenizer."""
+
+    def __init__(self, roles: Mapping[str, Role], tokenizer: PreTrainedTokenizerBase, drafter: str | None = FT_SMALL) -> None:
+        if not roles:
+            raise ValueError("roles: at least one role is needed")
+        sizes = {name: role.info.vocab_size for name, role in roles.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"roles disagree on the vocabulary size: {sizes}")
+        self.roles = dict(roles)
+        self.tokenizer = tokenizer
+        self.vocab_size = next(iter(sizes.values()))
+        self.context_length = min(role.info.context_length for role in roles.values())
+        self.default_drafter = drafter if drafter in self.roles else None
+        self.eos_ids = frozenset(i for i in [tokenizer.eos_token_id] if i is not None)
+
+    @classmethod
+    def local(cls, models: Mapping[str, str], **kwargs) -> "Engine":
+        """An engine over in-process role workers: ``models`` maps role -> path or hub id."""
+        from .local import load_local_roles
+
+        drafter = kwargs.pop("drafter", FT_SMALL)
+        roles, tokenizer = load_local_roles(models, **kwargs)
+        return cls(roles, tokenizer, drafter)
+
+    # -- validation -------------------------------------------------------------------
+
+    def _check_ids(self, name: str, ids: Sequence[int], allow_empty: bool = False) -> list[int]:
+        ids = list(ids)
+        if not ids and not allow_empty:
+            raise SpecError(name, "must hold at least one token")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise SpecError(f"{name}[{i}]", f"token ids must be integers in [0, {self.vocab_size}), got {t!r}")
+        return ids
+
+    def _drafter(self, speculative: SpeculativeParams) -> str | None:
+        if speculative.k == 0:
+            return None
+        name = speculative.drafter or self.default_drafter
+        if name is None or name not in self.roles:
+            raise SpecError("speculative.drafter", f"must be a served role ({', '.join(self.roles)}), got {name!r}")
+        return name
+
+    # -- generation ---------------------------------------------------------------------
+
+    async def stream(
+        self,
+        prompt_ids: Sequence[int],
+        eft: EFTSpec = EFTSpec(),
+        sampling: SamplingParams = SamplingParams(),
+        speculative: SpeculativeParams = SpeculativeParams(),
+        diagnostics: bool = False,
+        session_id: str | None = None,
+        release: bool = True,
+    ) -> AsyncIterator[StreamChunk]:
+        """Yield accepted tokens block by block. With ``release=False`` the roles keep the
+        session's cache for a follow-up request that extends this one (multi-turn)."""
+        ids = self._check_ids("prompt_ids", prompt_ids)
+        plan = eft.resolve(list(self.roles))
+        drafter = self._drafter(speculative)
+        if len(ids) + sampling.max_new_tokens > self.context_length:
+            raise SpecError(
+                "sampling.max_new_tokens",
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) must fit the "
+                f"context length {self.context_length}",
+            )
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        gen = torch.Generator().manual_seed(seed)
+        session = session_id or uuid.uuid4().hex
+        stops = StopChecker(self.tokenizer, self.eos_ids | set(sampling.stop_token_ids), sampling.stop, sampling.max_new_tokens)
+        stats = GenerationStats(seed=seed, prompt_tokens=len(ids))
+        tv_role = drafter or (self.default_drafter if self.default_drafter in plan.roles else None)
+        try:
+            while stops.finish_reason is None:
+                k = min(speculative.k, sampling.max_new_tokens - len(stops.token_ids) - 1) if drafter else 0
+                tokens, accepted, rows, target = await self._block(session, ids, plan, drafter, k, sampling, gen)
+                stats.blocks += 1
+                stats.drafted_tokens += k
+                stats.accepted_per_block.append(accepted)
+                chunk = StreamChunk(token_ids=[], text="")
+                for t, token in enumerate(tokens):
+                    chunk.token_ids.append(token)
+                    chunk.text += stops.feed(token)
+                    if diagnostics:
+                        at_t = {r: lp[t] for r, lp in rows.items()}
+                        chunk.diagnostics.append(self._diagnose(token, at_t, target[t], plan, tv_role, sampling))
+                    if stops.finish_reason is not None:
+                        break
+                ids.extend(chunk.token_ids)
+                stats.generated_tokens += len(chunk.token_ids)
+                if stops.finish_reason is not None:
+                    chunk.finish_reason, chunk.stats = stops.finish_reason, stats
+                yield chunk
+        finally:
+            if release:
+                await self.release(session)
+
+    async def _block(
+        self,
+        session: str,
+        ids: list[int],
+        plan: CombinationPlan,
+        drafter: str | None,
+        k: int,
+        sampling: SamplingParams,
+        gen: torch.Generator,
+    ) -> tuple[list[int], int, dict[str, torch.Tensor], torch.Tensor]:
+        """Draft k tokens and verify them: the emitted tokens, how many drafts were accepted,
+        each role's log-prob rows ``[k+1, V]`` and the target distributions ``[k+1, V]``."""
+        uniforms = torch.rand(2 * k + 1, generator=gen, dtype=torch.float64).tolist()
+        scorers = [r for r in plan.roles if r != drafter]
+        if drafter is not None:
+            draft = await self.roles[drafter].draft(session, ids, k, sampling, uniforms[:k])
+            block, draft_tokens = ids + draft.tokens, draft.tokens
+        else:
+            block, draft_tokens = ids, []
+        rows = dict(zip(scorers, await _gather([self.roles[r].score(session, block, len(ids)) for r in scorers])))
+        if drafter is not None:
+            rows[drafter] = draft.logprobs
+        target = sampling_probs(combine(rows, plan), sampling.temperature, sampling.top_k, sampling.top_p)
+        if draft_tokens:
+            q = sampling_probs(rows[drafter][:k], sampling.temperature, sampling.top_k, sampling.top_p)
+        else:
+            q = target[:0]
+        outcome = accept_block(target, q, draft_tokens, uniforms[k : 2 * k], uniforms[2 * k])
+        return outcome.tokens, outcome.accepted, rows, target
+
+    def _diagnose(
+        self,
+        token: int,
+        rows: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        plan: CombinationPlan,
+        tv_role: str | None,
+        sampling: SamplingParams,
+    ) -> TokenDiagnostics:
+        role_lp = {r: float(lp[token]) for r, lp in rows.items()}
+        rewards = {
+            r: role_lp[r] - role_lp[ref]
+            for r in plan.behaviour
+            if r.startswith("ft_") and (ref := _REFERENCE.get(r, BASE_SMALL)) in role_lp
+        }
+        tv = None
+        if tv_role is not None and tv_role in rows:
+            q = sampling_probs(rows[tv_role], sampling.temperature, sampling.top_k, sampling.top_p)
+            tv = 0.5 * float((q - target).abs().sum())
+        return TokenDiagnostics(token, float(torch.log(target[token])), role_lp, rewards, tv)
+
+    async def generate(self, prompt_ids: Sequence[int], **kwargs) -> Generation:
+        """Run :meth:`stream` to the end and collect the result."""
+        tokens: list[int] = []
+        text, diags, last = "", [], None
+        async for chunk in self.stream(prompt_ids, **kwargs):
+            tokens += chunk.token_ids
+            text += chunk.text
+            diags += chunk.diagnostics
+            last = chunk
+        assert last is not None and last.finish_reason is not None and last.stats is not None
+        return Generation(tokens, text, last.finish_reason, last.stats, diags)
+
+    async def release(self, session_id: str) -> None:
+        await asyncio.gather(*(role.release(session_id) for role in self.roles.values()))
+
+    # -- scoring ------------------------------------------------------------------------
+
+    async def score(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], eft: EFTSpec = EFTSpec()) -> ScoreResult:
+        """Log-probs of ``continuation_ids`` after ``prompt_ids``, one forward pass per role."""
+        prompt = self._check_ids("prompt_ids", prompt_ids)
+        cont = self._check_ids("continuation_ids", continuation_ids)
+        if len(prompt) + len(cont) > self.context_length:
+            raise SpecError("continuation_ids", f"prompt + continuation must fit the context length {self.context_length}")
+        plan = eft.resolve(list(self.roles))
+        session = uuid.uuid4().hex
+        try:
+            outs = await _gather([self.roles[r].score(session, prompt + cont, len(prompt)) for r in plan.roles])
+        finally:
+            await self.release(session)
+        rows = {r: lp[:-1] for r, lp in zip(plan.roles, outs)}
+        index = torch.tensor(cont).unsqueeze(-1)
+        eft_lp = torch.log_softmax(combine(rows, plan), dim=-1).gather(-1, index).squeeze(-1)
+        return ScoreResult(
+            token_ids=cont,
+            logprobs=eft_lp.tolist(),
+            role_logprobs={r: lp.gather(-1, index).squeeze(-1).tolist() for r, lp in rows.items()},
+        )
