@@ -169,7 +169,8 @@ class Engine:
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         gen = torch.Generator().manual_seed(seed)
         session = session_id or uuid.uuid4().hex
-        stops = StopChecker(self.tokenizer, self.eos_ids | set(sampling.stop_token_ids), sampling.stop, sampling.max_new_tokens)
+        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_ids)
+        stops = StopChecker(self.tokenizer, stop_ids, sampling.stop, sampling.max_new_tokens)
         stats = GenerationStats(seed=seed, prompt_tokens=len(ids))
         tv_role = drafter or (self.default_drafter if self.default_drafter in plan.roles else None)
         try:

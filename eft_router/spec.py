@@ -185,8 +185,9 @@ class SamplingParams:
     """How to sample from the combined scores.
 
     ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off. ``seed`` None draws a
-    fresh seed. Generation stops at the tokenizer's EOS, any of ``stop_token_ids``, any of
-    the ``stop`` strings (excluded from the returned text), or ``max_new_tokens``.
+    fresh seed. Generation stops at the tokenizer's EOS (unless ``ignore_eos``, for
+    benchmarks), any of ``stop_token_ids``, any of the ``stop`` strings (excluded from the
+    returned text), or ``max_new_tokens``.
     """
 
     temperature: float = 1.0
@@ -196,6 +197,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         temperature = _finite("sampling.temperature", self.temperature)
@@ -210,6 +212,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         for i, token in enumerate(self.stop_token_ids):
             _int(f"sampling.stop_token_ids[{i}]", token, 0)
+        if not isinstance(self.ignore_eos, bool):
+            raise SpecError("sampling.ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
         for i, text in enumerate(self.stop):
             if not isinstance(text, str) or not text:
                 raise SpecError(f"sampling.stop[{i}]", "stop strings must be non-empty strings")

@@ -49,6 +49,7 @@ class RoleWorker:
         self.info = RoleInfo(name=name, model=str(model), vocab_size=vocab_size, context_length=int(context))
         self.device = torch.device(device)
         self.caches = SessionCaches(max_cached_tokens)
+        self.computed_tokens = 0  # tokens run through the model: what cache reuse saves
 
     @torch.inference_mode()
     def _forward(self, entry: CacheEntry, new_ids: Sequence[int], rows: int) -> torch.Tensor:
@@ -57,6 +58,7 @@ class RoleWorker:
         out = self.model(input_ids=ids, past_key_values=entry.kv, use_cache=True, logits_to_keep=rows)
         entry.kv = out.past_key_values
         entry.tokens.extend(new_ids)
+        self.computed_tokens += len(new_ids)
         logits = out.logits[0, :, : self.info.vocab_size].float()
         return torch.log_softmax(logits, dim=-1).cpu()
 

@@ -1,0 +1,123 @@
+"""Engine throughput: roles alone, plain EFT and speculative EFT, measured side by side.
+
+Every configuration runs once per round, rounds interleaved, and the table reports medians,
+so machine noise hits all rows alike; read the ratios, not the absolute numbers.
+
+  python bench/bench_engine.py                      # synthetic tiny family (built here)
+  python bench/bench_engine.py --model base_large=DIR --model base_small=DIR --model ft_small=DIR
+
+The synthetic family matches the embedded family's *cost* ratio (base_large's cached decode
+step several times base_small's) and makes the drafter a good approximation of the EFT
+target, as a chat model is of its up-scaled self: the base models are nearly flat (small
+init), so ``l_large - l_small`` is a small correction to ``ft_small``'s peaked distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+
+import torch
+
+from eft_router.decoder import Engine
+from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
+from eft_router.tiny import TinyModel, build_tiny_family
+
+SYNTHETIC = {
+    "base_large": TinyModel(hidden=512, layers=8, heads=8, seed=1, init_std=0.012),
+    "base_small": TinyModel(hidden=64, layers=2, seed=2, init_std=0.012),
+    "ft_small": TinyModel(hidden=64, layers=2, seed=3, init_std=0.25),
+}
+PROMPTS = ["w1 w2 w3", "w10 w11", "w5 w9 w13 w17", "w40"]
+
+
+def step_time(engine: Engine, role: str, repeats: int = 60) -> float:
+    """Median seconds of one cached single-token decode step of ``role``."""
+    worker = engine.roles[role].worker
+    ids = list(range(2, 34))
+    worker.score("step", ids, len(ids))
+    times = []
+    for i in range(repeats):
+        seq = ids + [2 + i % 50]
+        t = time.perf_counter()
+        worker.score("step", seq, len(seq))
+        times.append(time.perf_counter() - t)
+        worker.caches.acquire("step", ids)  # crop back: every step is a one-token extension
+    worker.release("step")
+    return statistics.median(times)
+
+
+async def run_config(engine: Engine, eft: EFTSpec, k: int, tokens: int, seed: int) -> tuple[float, int, int, int, int]:
+    """(seconds, generated tokens, blocks, drafted, accepted) over all prompts."""
+    total = [0.0, 0, 0, 0, 0]
+    for i, prompt in enumerate(PROMPTS):
+        ids = engine.tokenizer(prompt)["input_ids"]
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=tokens, seed=seed + i, ignore_eos=True)
+        t = time.perf_counter()
+        g = await engine.generate(ids, eft=eft, sampling=sampling, speculative=SpeculativeParams(k=k))
+        total[0] += time.perf_counter() - t
+        total[1] += len(g.token_ids)
+        total[2] += g.stats.blocks
+        total[3] += g.stats.drafted_tokens
+        total[4] += g.stats.accepted_tokens
+    return tuple(total)  # type: ignore[return-value]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[], metavar="ROLE=PATH", help="default: a synthetic tiny family")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-k", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    if args.model:
+        paths = dict(item.split("=", 1) for item in args.model)
+    else:
+        words = [f"w{i}" for i in range(200)]
+        paths = build_tiny_family(tempfile.mkdtemp(prefix="eft-bench-"), words, SYNTHETIC)
+    engine = Engine.local(paths)
+
+    configs = {
+        "ft_small alone": (EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), 0),
+        "base_large alone": (EFTSpec(preset="linear", coefficients={"base_large": 1.0}), 0),
+        "plain EFT": (EFTSpec(), 0),
+        **{f"speculative EFT k={k}": (EFTSpec(), k) for k in range(1, args.max_k + 1)},
+    }
+    asyncio.run(run_config(engine, EFTSpec(), 2, 8, 0))  # warm-up
+    samples: dict[str, list[tuple]] = {name: [] for name in configs}
+    for r in range(args.rounds):
+        for name, (eft, k) in configs.items():
+            samples[name].append(asyncio.run(run_config(engine, eft, k, args.tokens, seed=1000 * r)))
+    steps = {role: step_time(engine, role) for role in ("base_large", "base_small", "ft_small")}
+
+    tps = {name: statistics.median(s[1] / s[0] for s in runs) for name, runs in samples.items()}
+    print(f"cached decode step (median): " + ", ".join(f"{r} {t * 1e3:.2f} ms" for r, t in steps.items()))
+    print(f"base_large / ft_small step cost: {steps['base_large'] / steps['ft_small']:.1f}x")
+    print()
+    print(f"{'configuration':<24}{'tokens/s':>10}{'vs plain':>10}{'accept':>9}{'tok/block':>11}")
+    for name, runs in samples.items():
+        drafted, accepted = sum(s[3] for s in runs), sum(s[4] for s in runs)
+        blocks, generated = sum(s[2] for s in runs), sum(s[1] for s in runs)
+        rate = f"{accepted / drafted:.3f}" if drafted else "-"
+        print(f"{name:<24}{tps[name]:>10.1f}{tps[name] / tps['plain EFT']:>9.2f}x{rate:>9}{generated / blocks:>11.2f}")
+
+    best = max((n for n in tps if n.startswith("speculative")), key=tps.get)
+    spec_speedup = tps[best] / tps["plain EFT"]
+    small_speedup = tps["ft_small alone"] / tps["base_large alone"]
+    bound = 1.0 / sum(steps.values())
+    print()
+    print(f"best speculative: {best}: {spec_speedup:.2f}x plain EFT")
+    print(f"ft_small alone over base_large alone: {small_speedup:.2f}x; "
+          f"speculative speed-up as a fraction of it: {spec_speedup / small_speedup:.0%}")
+    print(f"speculative EFT / ft_small alone: {tps[best] / tps['ft_small alone']:.0%} of the drafter's own speed")
+    print(f"plain EFT {tps['plain EFT']:.1f} tok/s vs bound 1/(sum of role steps) {bound:.1f} tok/s: "
+          f"{tps['plain EFT'] / bound:.0%} of the bound")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Greedy speculative EFT is token-for-token greedy plain EFT, whatever the block size,
+cache state or where in a block generation stops."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
+
+PROMPTS = ["w1 w2 w3", "w7", "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "w30 w31 w30 w31"]
+SPECS = {
+    "upscale": EFTSpec(),
+    "interpolate2": EFTSpec(deltas={"ft_small": 0.6, "ft_safe": 0.4}),
+    "filtered_beta": EFTSpec(beta=1.5, weight_top_p=0.9),
+}
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
+
+
+def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), **kwargs):
+    ids = prompt if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
+    return asyncio.run(engine.generate(ids, eft=eft, sampling=sampling, speculative=SpeculativeParams(k=k), **kwargs))
+
+
+@pytest.mark.parametrize("spec", list(SPECS), ids=list(SPECS))
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_speculative_equals_plain(engine, prompt, spec):
+    plain = run(engine, prompt, eft=SPECS[spec])
+    assert plain.stats.blocks == len(plain.token_ids)  # plain: one token per step
+    for k in (1, 2, 4, 8):
+        fast = run(engine, prompt, k=k, eft=SPECS[spec])
+        assert fast.token_ids == plain.token_ids, f"k={k}"
+        assert fast.text == plain.text and fast.finish_reason == plain.finish_reason
+        assert fast.stats.blocks <= plain.stats.blocks
+
+
+def test_speculation_accepts_and_rejects(engine):
+    """The test models must exercise both acceptance and rejection, or the equality above
+    would prove little."""
+    stats = [run(engine, p, k=4).stats for p in PROMPTS]
+    assert sum(s.accepted_tokens for s in stats) > 0
+    assert sum(s.drafted_tokens - s.accepted_tokens for s in stats) > 0
+
+
+def test_shared_prefix_with_a_live_session_and_multi_turn(engine):
+    """A new session whose prompt shares a prefix with a cached session starts from a copy of
+    that cache; a follow-up turn in the same session extends its own cache. Both must give
+    exactly what a cold start gives."""
+    first = engine.tokenizer("w1 w2 w3 w4 w5 w6")["input_ids"]
+    cold = {k: run(engine, first + [20, 21], k=k) for k in (0, 3)}
+    run(engine, first, k=3, session_id="turn", release=False)  # leaves session "turn" cached
+    worker = engine.roles["base_large"].worker
+    assert "turn" in worker.caches
+    for k in (0, 3):
+        assert run(engine, first + [20, 21], k=k).token_ids == cold[k].token_ids
+    one = run(engine, first, k=3, session_id="turn", release=False)
+    follow = first + one.token_ids + [22, 23]
+    cold_follow = run(engine, follow, k=3)
+    assert run(engine, follow, k=3, session_id="turn").token_ids == cold_follow.token_ids
+    assert "turn" not in worker.caches  # released at the end of the last turn
+
+
+def test_stop_token_in_the_middle_of_a_block(engine):
+    """Stopping at a token that speculation reaches mid-block cuts the block exactly there."""
+    plain = run(engine, PROMPTS[0])
+    stop_at = plain.token_ids[5]
+    first = plain.token_ids.index(stop_at)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=40, stop_token_ids=(stop_at,))
+    expected = plain.token_ids[: first + 1]
+    for k in (0, 2, 4, 8):
+        out = run(engine, PROMPTS[0], sampling=sampling, k=k)
+        assert out.token_ids == expected, f"k={k}"
+        assert out.finish_reason == "stop"
+
+
+def test_stop_string_and_max_tokens_in_the_middle_of_a_block(engine):
+    plain = run(engine, PROMPTS[0])
+    words = plain.text.split()
+    stop = f"{words[3]} {words[4]}"
+    cut = plain.text.index(stop)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=40, stop=(stop,))
+    for k in (0, 3, 8):
+        out = run(engine, PROMPTS[0], sampling=sampling, k=k)
+        assert out.text == plain.text[:cut], f"k={k}"
+        assert out.finish_reason == "stop"
+    short = SamplingParams(temperature=0.0, max_new_tokens=7)
+    for k in (0, 3, 8):
+        out = run(engine, PROMPTS[0], sampling=short, k=k)
+        assert out.token_ids == plain.token_ids[:7] and out.finish_reason == "length"
+
+
+def test_stream_yields_blocks_that_add_up(engine):
+    async def collect():
+        ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+        return [c async for c in engine.stream(ids, sampling=GREEDY, speculative=SpeculativeParams(k=4))]
+
+    chunks = asyncio.run(collect())
+    whole = run(engine, PROMPTS[0], k=4)
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert "".join(c.text for c in chunks) == whole.text
+    assert all(c.finish_reason is None for c in chunks[:-1]) and chunks[-1].finish_reason == whole.finish_reason
+    assert len(chunks) == whole.stats.blocks
+    assert all(1 <= len(c.token_ids) <= 5 for c in chunks)
