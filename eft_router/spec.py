@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 BASE_LARGE = "base_large"
 BASE_SMALL = "base_small"
@@ -126,6 +127,8 @@ class EFTSpec:
         _finite("eft.beta", self.beta)
         _top_p("eft.weight_top_p", self.weight_top_p)
         for name, table in (("eft.deltas", self.deltas), ("eft.coefficients", self.coefficients)):
+            if table is not None and not isinstance(table, Mapping):
+                raise SpecError(name, f"must map role names to numbers, got {type(table).__name__}")
             for role, value in (table or {}).items():
                 if not isinstance(role, str) or not role:
                     raise SpecError(name, f"role names must be non-empty strings, got {role!r}")
@@ -142,16 +145,20 @@ class EFTSpec:
                     raise SpecError(name, "is not used by preset 'linear'; put every role in eft.coefficients")
         elif self.coefficients:
             raise SpecError("eft.coefficients", f"is only for preset 'linear', not {self.preset!r}")
-        if self.preset == "interpolate" and (self.beta != 1.0 or self.weight_top_p != 1.0):
-            raise SpecError("eft.beta", "preset 'interpolate' has no scale change; beta and weight_top_p do not apply")
+        if self.preset == "interpolate":
+            for name, value in (("eft.beta", self.beta), ("eft.weight_top_p", self.weight_top_p)):
+                if value != 1.0:
+                    raise SpecError(name, "does not apply to preset 'interpolate', which has no scale change")
 
     def resolve(self, available: Sequence[str]) -> CombinationPlan:
         """Check the spec against the served roles and fill in the coefficients."""
         served = set(available)
 
-        def need(role: str, why: str) -> None:
+        def need(role: str, field: str) -> None:
             if role not in served:
-                raise SpecError(why, f"needs role {role!r}, which is not served (served: {', '.join(sorted(served))})")
+                raise SpecError(
+                    field, f"{self.preset!r} needs role {role!r}, which is not served (served: {', '.join(sorted(served))})"
+                )
 
         if self.preset == "linear":
             for role in self.coefficients or {}:
@@ -163,7 +170,7 @@ class EFTSpec:
         else:
             reference, knowledge, default_delta = BASE_SMALL, BASE_LARGE, FT_SMALL
         deltas = dict(self.deltas) if self.deltas else {default_delta: 1.0}
-        need(reference, f"eft.preset ({self.preset})")
+        need(reference, "eft.preset")
         for role in deltas:
             path = f"eft.deltas.{role}"
             if self.preset == "downscale" and role != FT_LARGE:
@@ -176,7 +183,7 @@ class EFTSpec:
         behaviour.update(deltas)
         if self.preset == "interpolate":
             return CombinationPlan(behaviour=behaviour)
-        need(knowledge, f"eft.preset ({self.preset})")
+        need(knowledge, "eft.preset")
         return CombinationPlan(behaviour, ScaleWeight(knowledge, reference, self.beta, self.weight_top_p))
 
 
@@ -208,8 +215,11 @@ class SamplingParams:
         if self.seed is not None:
             _int("sampling.seed", self.seed, 0, 2**63 - 1)
         _int("sampling.max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("stop_token_ids", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise SpecError(f"sampling.{name}", f"must be a list, got {type(value).__name__}")
+            object.__setattr__(self, name, tuple(value))
         for i, token in enumerate(self.stop_token_ids):
             _int(f"sampling.stop_token_ids[{i}]", token, 0)
         if not isinstance(self.ignore_eos, bool):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+# Tiny models run fastest on one thread; more threads than cores slows them many times over.
+torch.set_num_threads(1)
 
 from eft_router.decoder import Engine
 from eft_router.tiny import TinyModel, build_tiny_family

@@ -391,13 +391,17 @@ def test_monte_carlo_joint_law_k2() -> None:
     assert elapsed < 60, f"{n} calls took {elapsed:.1f} s"
 
     law = theoretical_block_law(p, q)
-    assert g_test(counts, law, n) > 1e-3
+    p_joint = g_test(counts, law, n)
+    print(f"joint G-test p = {p_joint:.3g} ({n} blocks in {elapsed:.1f} s)")
+    assert p_joint > 1e-3
 
     pd, qd = p.double().numpy(), q.double().numpy()
     first = Counter()
     for tokens, c in counts.items():
         first[tokens[0],] += c
-    assert g_test(first, {(y,): pd[0, y] for y in range(vocab)}, n) > 1e-3
+    p_first = g_test(first, {(y,): pd[0, y] for y in range(vocab)}, n)
+    print(f"first-token G-test p = {p_first:.3g}")
+    assert p_first > 1e-3
 
     pairs = Counter()
     for tokens, c in counts.items():
@@ -407,12 +411,15 @@ def test_monte_carlo_joint_law_k2() -> None:
     m = np.minimum(pd[0], qd[0])
     pair_law = {(a, b): m[a] / m.sum() * pd[1, b] for a in range(vocab) for b in range(vocab) if m[a] * pd[1, b] > 0}
     assert n2 == pytest.approx(n * m.sum(), rel=0.02)
-    assert g_test(pairs, pair_law, n2) > 1e-3
+    p_pair = g_test(pairs, pair_law, n2)
+    print(f"pair | J >= 2 G-test p = {p_pair:.3g} ({n2} blocks)")
+    assert p_pair > 1e-3
     # power: t_1 given J >= 2 is not p_1, and a residual of p is detectably wrong
     naive = {(a, b): pd[0, a] * pd[1, b] for a in range(vocab) for b in range(vocab)}
-    assert g_test(pairs, naive, n2) < 1e-6
-    wrong = wrong_residual_law(p, q)
-    assert g_test(counts, wrong, n) < 1e-6
+    p_naive, p_wrong = g_test(pairs, naive, n2), g_test(counts, wrong_residual_law(p, q), n)
+    print(f"power: pair vs p_1 x p_2 p = {p_naive:.3g}; joint vs residual-p law p = {p_wrong:.3g}")
+    assert p_naive < 1e-6
+    assert p_wrong < 1e-6
 
 
 def wrong_residual_law(p: torch.Tensor, q: torch.Tensor) -> dict[tuple[int, ...], float]:
