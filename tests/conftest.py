@@ -23,9 +23,9 @@ ROLES = {
 }
 TINY_VOCAB_WORDS = list("abcdef")  # 8 tokens with <unk> and <eos>
 TINY_VOCAB_ROLES = {
-    "base_large": TinyModel(hidden=16, layers=1, seed=11, init_std=1.0),
-    "base_small": TinyModel(hidden=8, layers=1, heads=2, seed=12, init_std=1.0),
-    "ft_small": TinyModel(hidden=8, layers=1, heads=2, seed=13, init_std=1.0),
+    "base_large": TinyModel(hidden=16, layers=1, seed=11, init_std=0.3),
+    "base_small": TinyModel(hidden=8, layers=1, heads=2, seed=12, init_std=0.3),
+    "ft_small": TinyModel(hidden=8, layers=1, heads=2, seed=13, init_std=0.3),
 }
 
 

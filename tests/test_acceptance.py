@@ -178,7 +178,7 @@ def rows(kind: str, k: int, seed: int, vocab: int = V) -> tuple[torch.Tensor, to
     def rand(n: int, scale: float = 1.5) -> torch.Tensor:
         return torch.softmax(scale * torch.randn(n, vocab, generator=g), dim=-1)
 
-    def zero_some(x: torch.Tensor, keep_from: torch.Tensor | None = None) -> torch.Tensor:
+    def zero_some(x: torch.Tensor) -> torch.Tensor:
         # zero 1..V-2 entries per row (never all), renormalise
         x = x.clone()
         for r in range(x.shape[0]):
@@ -387,8 +387,7 @@ def test_monte_carlo_joint_law_k2() -> None:
     drafts_l, us_l = drafts.tolist(), us.tolist()
     start = time.perf_counter()
     counts = Counter(tuple(accept_block(p, q, d, u[:k], u[k]).tokens) for d, u in zip(drafts_l, us_l))
-    elapsed = time.perf_counter() - start
-    assert elapsed < 60, f"{n} calls took {elapsed:.1f} s"
+    elapsed = time.perf_counter() - start  # ~5 s here; printed, never asserted
 
     law = theoretical_block_law(p, q)
     p_joint = g_test(counts, law, n)

@@ -17,13 +17,6 @@ MAX_NEW = 20
 MODES = {"plain": SpeculativeParams(k=0), "speculative_k3": SpeculativeParams(k=3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def generate(engine, seed: int | None, k: int, **kwargs) -> Generation:

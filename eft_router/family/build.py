@@ -1,0 +1,169 @@
+"""Build (or find in the cache) the embedded model family.
+
+Five roles, trained from nothing on the synthetic world: ``base_small`` and ``base_large``
+pre-trained on one corpus, ``ft_small`` and ``ft_large`` chat fine-tuned on a training subset
+of entities, ``ft_small_safe`` = ``ft_small`` tuned with DPO to refuse the harmful category.
+The small chain and the large chain train in two processes, one core each.
+
+The family is cached under ``$EFT_CACHE_DIR`` (default ``~/.cache/eft-router``) in a folder
+keyed by the family version and a digest of the config. A build writes into a hidden
+temporary folder and renames it into place only when complete (``manifest.json`` written
+last), so an interrupted build never leaves a family that later loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import train_tokenizer
+from .train import Schedule, Shape, dpo, new_model, pretrain, sft
+from .world import build_world, preference_pairs, pretraining_corpus, sft_examples
+
+FAMILY_VERSION = 1
+ROLES = ("base_large", "base_small", "ft_small", "ft_large", "ft_small_safe")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    seed: int = 0
+    n_entities: int = 400
+    vocab_size: int = 1024
+    small: Shape = Shape(hidden=48, layers=1)
+    large: Shape = Shape(hidden=64, layers=8)
+    pretrain_small: Schedule = Schedule(steps=600)
+    pretrain_large: Schedule = Schedule(steps=1500)
+    sft: Schedule = Schedule(steps=260, lr=1e-3)
+    dpo: Schedule = Schedule(steps=120, batch_size=16, lr=5e-4, warmup=10)
+    dpo_beta: float = 0.1
+
+    def digest(self) -> str:
+        blob = json.dumps({"version": FAMILY_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+DEFAULT = FamilyConfig()
+# Seconds, not minutes: the whole pipeline at toy sizes, for the test suite.
+MINIATURE = FamilyConfig(
+    n_entities=40,
+    vocab_size=400,
+    small=Shape(hidden=16, layers=1, heads=2),
+    large=Shape(hidden=32, layers=2),
+    pretrain_small=Schedule(steps=30, batch_size=8),
+    pretrain_large=Schedule(steps=30, batch_size=8),
+    sft=Schedule(steps=30, batch_size=8, lr=1e-3),
+    dpo=Schedule(steps=10, batch_size=4, lr=5e-4, warmup=2),
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EFT_CACHE_DIR") or Path.home() / ".cache" / "eft-router")
+
+
+def family_dir(config: FamilyConfig = DEFAULT, root: Path | None = None) -> Path:
+    return (root or cache_root()) / f"family-v{FAMILY_VERSION}-{config.digest()}"
+
+
+def role_paths(directory: Path) -> dict[str, str]:
+    return {role: str(directory / role) for role in ROLES}
+
+
+def _data(config: FamilyConfig):
+    world = build_world(config.seed, config.n_entities)
+    lines = pretraining_corpus(world, seed=config.seed)
+    return world, lines
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _train_chain(chain: str, config: FamilyConfig, out: Path, quiet: bool) -> dict[str, float]:
+    """One process: pre-train a base, fine-tune it; for the small chain also DPO. Returns
+    the seconds each stage took."""
+    torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    world, lines = _data(config)
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    shape, schedule = (config.small, config.pretrain_small) if chain == "small" else (config.large, config.pretrain_large)
+    timings = {}
+    seed = config.seed + (1 if chain == "small" else 2)
+
+    t = time.perf_counter()
+    base = new_model(tokenizer, shape, seed)
+    pretrain(base, tokenizer, lines, schedule, seed, desc=f"pre-train base_{chain}", quiet=quiet)
+    _save(base, tokenizer, out / f"base_{chain}")
+    timings[f"base_{chain}"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ft = copy.deepcopy(base)
+    sft(ft, tokenizer, sft_examples(world, seed=config.seed), config.sft, seed, desc=f"fine-tune ft_{chain}", quiet=quiet)
+    _save(ft, tokenizer, out / f"ft_{chain}")
+    timings[f"ft_{chain}"] = time.perf_counter() - t
+
+    if chain == "small":
+        t = time.perf_counter()
+        safe = copy.deepcopy(ft)
+        pairs = preference_pairs(world, seed=config.seed)
+        dpo(safe, ft, tokenizer, pairs, config.dpo, seed, beta=config.dpo_beta, desc="DPO ft_small_safe", quiet=quiet)
+        _save(safe, tokenizer, out / "ft_small_safe")
+        timings["ft_small_safe"] = time.perf_counter() - t
+    return timings
+
+
+def _chain_entry(args: tuple) -> dict[str, float]:
+    return _train_chain(*args)
+
+
+def build_family(
+    config: FamilyConfig = DEFAULT, root: Path | None = None, force: bool = False, quiet: bool = False
+) -> dict[str, str]:
+    """Return role -> model directory, building the family first if it is not cached."""
+    target = family_dir(config, root)
+    if (target / MANIFEST).exists() and not force:
+        return role_paths(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        started = time.perf_counter()
+        world, lines = _data(config)
+        train_tokenizer(lines, config.vocab_size).save_pretrained(work / "tokenizer")
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(2) as pool:
+            results = pool.map(_chain_entry, [("large", config, work, quiet), ("small", config, work, quiet)])
+        timings = {k: round(v, 1) for r in results for k, v in r.items()}
+        shutil.rmtree(work / "tokenizer")
+        manifest = {
+            "version": FAMILY_VERSION,
+            "config": asdict(config),
+            "digest": config.digest(),
+            "roles": list(ROLES),
+            "seconds": round(time.perf_counter() - started, 1),
+            "stage_seconds": timings,
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if target.exists():  # --force: move the old family aside, then swap in the new one
+            old = target.with_name(target.name + f".old-{os.getpid()}")
+            target.rename(old)
+            shutil.rmtree(old)
+        work.rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return role_paths(target)
+
+
+def read_manifest(directory: Path) -> dict:
+    return json.loads((directory / MANIFEST).read_text())
