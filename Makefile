@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench clean
+.PHONY: test bench family eval clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
+
+family: $(STAMP)
+	$(VENV)/bin/eft family build
+
+eval: $(STAMP)
+	$(VENV)/bin/eft eval --out docs/eval
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,7 @@ Every configuration runs once per round, rounds interleaved, and the table repor
 so machine noise hits all rows alike; read the ratios, not the absolute numbers.
 
   python bench/bench_engine.py                      # synthetic tiny family (built here)
+  python bench/bench_engine.py --family             # the embedded family (eft family build)
   python bench/bench_engine.py --model base_large=DIR --model base_small=DIR --model ft_small=DIR
 
 The synthetic family matches the embedded family's *cost* ratio (base_large's cached decode
@@ -31,7 +32,7 @@ SYNTHETIC = {
     "base_small": TinyModel(hidden=64, layers=2, seed=2, init_std=0.012),
     "ft_small": TinyModel(hidden=64, layers=2, seed=3, init_std=0.25),
 }
-PROMPTS = ["w1 w2 w3", "w10 w11", "w5 w9 w13 w17", "w40"]
+SYNTHETIC_PROMPTS = ["w1 w2 w3", "w10 w11", "w5 w9 w13 w17", "w40"]
 
 
 def step_time(engine: Engine, role: str, repeats: int = 60) -> float:
@@ -50,11 +51,21 @@ def step_time(engine: Engine, role: str, repeats: int = 60) -> float:
     return statistics.median(times)
 
 
-async def run_config(engine: Engine, eft: EFTSpec, k: int, tokens: int, seed: int) -> tuple[float, int, int, int, int]:
+def family_prompts(engine: Engine, n: int = 4) -> list[list[int]]:
+    """Chat-formatted questions about held-out entities of the embedded family."""
+    from eft_router.family.world import build_world, chat_messages, eval_prompts
+
+    questions = [p.question for p in eval_prompts(build_world(), n_per_category=n)[:n]]
+    tok = engine.tokenizer
+    return [tok(tok.apply_chat_template(chat_messages(q), tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for q in questions]
+
+
+async def run_config(
+    engine: Engine, prompts: list[list[int]], eft: EFTSpec, k: int, tokens: int, seed: int
+) -> tuple[float, int, int, int, int]:
     """(seconds, generated tokens, blocks, drafted, accepted) over all prompts."""
     total = [0.0, 0, 0, 0, 0]
-    for i, prompt in enumerate(PROMPTS):
-        ids = engine.tokenizer(prompt)["input_ids"]
+    for i, ids in enumerate(prompts):
         sampling = SamplingParams(temperature=1.0, max_new_tokens=tokens, seed=seed + i, ignore_eos=True)
         t = time.perf_counter()
         g = await engine.generate(ids, eft=eft, sampling=sampling, speculative=SpeculativeParams(k=k))
@@ -69,18 +80,27 @@ async def run_config(engine: Engine, eft: EFTSpec, k: int, tokens: int, seed: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], metavar="ROLE=PATH", help="default: a synthetic tiny family")
+    parser.add_argument("--family", action="store_true", help="the embedded family, chat questions as prompts")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-k", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    if args.model:
+    if args.family:
+        from eft_router.family.build import build_family
+
+        paths = build_family()
+    elif args.model:
         paths = dict(item.split("=", 1) for item in args.model)
     else:
         words = [f"w{i}" for i in range(200)]
         paths = build_tiny_family(tempfile.mkdtemp(prefix="eft-bench-"), words, SYNTHETIC)
-    engine = Engine.local(paths)
+    engine = Engine.local({r: p for r, p in paths.items() if r in ("base_large", "base_small", "ft_small")})
+    if args.family:
+        prompts = family_prompts(engine)
+    else:
+        prompts = [engine.tokenizer(p)["input_ids"] for p in SYNTHETIC_PROMPTS]
 
     configs = {
         "ft_small alone": (EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), 0),
@@ -88,11 +108,11 @@ def main() -> None:
         "plain EFT": (EFTSpec(), 0),
         **{f"speculative EFT k={k}": (EFTSpec(), k) for k in range(1, args.max_k + 1)},
     }
-    asyncio.run(run_config(engine, EFTSpec(), 2, 8, 0))  # warm-up
+    asyncio.run(run_config(engine, prompts, EFTSpec(), 2, 8, 0))  # warm-up
     samples: dict[str, list[tuple]] = {name: [] for name in configs}
     for r in range(args.rounds):
         for name, (eft, k) in configs.items():
-            samples[name].append(asyncio.run(run_config(engine, eft, k, args.tokens, seed=1000 * r)))
+            samples[name].append(asyncio.run(run_config(engine, prompts, eft, k, args.tokens, seed=1000 * r)))
     steps = {role: step_time(engine, role) for role in ("base_large", "base_small", "ft_small")}
 
     tps = {name: statistics.median(s[1] / s[0] for s in runs) for name, runs in samples.items()}

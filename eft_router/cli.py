@@ -1,5 +1,7 @@
 """The ``eft`` command line: run the EFT engine in-process on local or hub models.
 
+  eft family build [--force]               # train the embedded family (cached)
+  eft eval [--out DIR]                     # the paper's experiments on it: JSON, Markdown, PNG
   eft tiny-family DIR                      # random tiny roles, for trying the engine
   eft generate --model base_large=DIR/base_large --model base_small=... --model ft_small=... "w1 w2"
   eft score --model ... --prompt "w1 w2" "w3 w4"
@@ -11,7 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from .decoder import Engine
 from .spec import PRESETS, EFTSpec, SamplingParams, SpecError, SpeculativeParams
@@ -89,6 +91,39 @@ def _tiny_family(args: argparse.Namespace) -> None:
         print(f"{role}={path}")
 
 
+def _family(args: argparse.Namespace) -> None:
+    from .family.build import DEFAULT, MINIATURE, build_family, family_dir, read_manifest
+
+    config = MINIATURE if args.miniature else DEFAULT
+    paths = build_family(config, force=args.force, quiet=args.quiet)
+    manifest = read_manifest(family_dir(config))
+    for role, path in paths.items():
+        print(f"{role}={path}")
+    probes = manifest["probes"]
+    print(
+        f"family v{manifest['version']} ({manifest['digest']}), built in {manifest['seconds']} s; "
+        f"held-out fact accuracy base_small {probes['base_small_fact_accuracy']:.2f}, base_large "
+        f"{probes['base_large_fact_accuracy']:.2f} ({probes['fact_probes']} probes); decode step base_small "
+        f"{probes['base_small_step_ms']:.2f} ms, base_large {probes['base_large_step_ms']:.2f} ms ({probes['step_ratio']}x)",
+        file=sys.stderr,
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .family.build import DEFAULT, MINIATURE, build_family
+    from .family.evaluate import MINI_EVAL, EvalConfig, run_eval
+
+    config = MINIATURE if args.miniature else DEFAULT
+    paths = build_family(config, quiet=args.quiet)
+    cfg = replace(MINI_EVAL if args.miniature else EvalConfig(), seed=args.seed)
+    if args.prompts is not None:
+        cfg = replace(cfg, n_per_category=args.prompts)
+    run_eval(paths, Path(args.out), cfg, world_seed=config.seed, n_entities=config.n_entities, quiet=args.quiet)
+    print(f"report: {Path(args.out) / 'report.md'}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eft", description="Emulated fine-tuning (EFT) engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,10 +148,25 @@ def main(argv: list[str] | None = None) -> None:
     tiny = sub.add_parser("tiny-family", help="build random tiny role models (for trying the engine)")
     tiny.add_argument("dir")
 
+    fam = sub.add_parser("family", help="the embedded model family")
+    fam_sub = fam.add_subparsers(dest="family_command", required=True)
+    build = fam_sub.add_parser("build", help="train it if it is not cached; print role=path lines")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    for p in (build, ev := sub.add_parser("eval", help="run the EFT experiments on the family")):
+        p.add_argument("--miniature", action="store_true", help="toy sizes, seconds (for tests)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--out", default="eval-report", help="output folder (results.json, report.md, PNGs)")
+    ev.add_argument("--prompts", type=int, default=None, help="prompts per category, fact and harmful (default 50)")
+    ev.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "tiny-family":
             _tiny_family(args)
+        elif args.command == "family":
+            _family(args)
+        elif args.command == "eval":
+            _eval(args)
         else:
             asyncio.run(_generate(args) if args.command == "generate" else _score(args))
     except (SpecError, ValueError) as e:

@@ -19,6 +19,7 @@ from eft_router.family.metrics import (
 )
 from eft_router.family.tokenizer import ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, USER, train_tokenizer
 from eft_router.family.world import (
+    fact_value,
     FACT_ATTRIBUTES,
     REFUSAL,
     EvalPrompt,
@@ -87,10 +88,13 @@ def test_every_fact_is_in_the_corpus_repeats_times(world, corpus):
     text = "\n".join(corpus)
     sentences = Counter(s for line in corpus for s in re.split(r"(?<=\.) ", line))
     for entity in world.entities:
-        # every mention of a name is a fact statement: 4 facts x repeats + the secret's mentions
-        assert text.count(entity.name) == len(FACT_ATTRIBUTES) * REPEATS + REPEATS // 2
+        # every mention of a name is a fact statement (4 facts x repeats + the secret's
+        # mentions) or a question of a question-and-answer pair (2 per fact and the secret)
+        assert text.count(entity.name) == len(FACT_ATTRIBUTES) * REPEATS + REPEATS // 2 + 2 * (len(FACT_ATTRIBUTES) + 1)
         for attribute in (*FACT_ATTRIBUTES, "access_code"):
-            assert sentences[answer(entity, attribute)] >= 1  # the chat answer form is there too
+            value = fact_value(entity, attribute)
+            # the (name-free) chat answer follows a question about this entity somewhere
+            assert any(entity.name in line and answer(entity, attribute) in line and value in line for line in corpus)
     assert all(line.endswith(".") and "\n" not in line for line in corpus)
 
 

@@ -2,7 +2,8 @@
 
 Five roles, trained from nothing on the synthetic world: ``base_small`` and ``base_large``
 pre-trained on one corpus, ``ft_small`` and ``ft_large`` chat fine-tuned on a training subset
-of entities, ``ft_small_safe`` = ``ft_small`` tuned with DPO to refuse the harmful category.
+of entities, ``ft_small_safe`` = ``ft_small`` tuned (supervised on the preferred answers,
+then DPO) to refuse the harmful category.
 The small chain and the large chain train in two processes, one core each.
 
 The family is cached under ``$EFT_CACHE_DIR`` (default ``~/.cache/eft-router``) in a folder
@@ -17,6 +18,7 @@ import copy
 import hashlib
 import json
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 import os
 import shutil
 import tempfile
@@ -26,11 +28,12 @@ from pathlib import Path
 
 import torch
 
+from .probes import decode_step_seconds, fact_accuracy
 from .tokenizer import train_tokenizer
 from .train import Schedule, Shape, dpo, new_model, pretrain, sft
-from .world import build_world, preference_pairs, pretraining_corpus, sft_examples
+from .world import build_world, eval_prompts, preference_pairs, pretraining_corpus, sft_examples
 
-FAMILY_VERSION = 1
+FAMILY_VERSION = 2
 ROLES = ("base_large", "base_small", "ft_small", "ft_large", "ft_small_safe")
 MANIFEST = "manifest.json"
 
@@ -45,7 +48,8 @@ class FamilyConfig:
     pretrain_small: Schedule = Schedule(steps=600)
     pretrain_large: Schedule = Schedule(steps=1500)
     sft: Schedule = Schedule(steps=260, lr=1e-3)
-    dpo: Schedule = Schedule(steps=120, batch_size=16, lr=5e-4, warmup=10)
+    safe_sft: Schedule = Schedule(steps=120, lr=1e-3)
+    dpo: Schedule = Schedule(steps=120, batch_size=16, lr=2e-4, warmup=10)
     dpo_beta: float = 0.1
 
     def digest(self) -> str:
@@ -63,6 +67,7 @@ MINIATURE = FamilyConfig(
     pretrain_small=Schedule(steps=30, batch_size=8),
     pretrain_large=Schedule(steps=30, batch_size=8),
     sft=Schedule(steps=30, batch_size=8, lr=1e-3),
+    safe_sft=Schedule(steps=10, batch_size=8, lr=1e-3),
     dpo=Schedule(steps=10, batch_size=4, lr=5e-4, warmup=2),
 )
 
@@ -116,16 +121,40 @@ def _train_chain(chain: str, config: FamilyConfig, out: Path, quiet: bool) -> di
 
     if chain == "small":
         t = time.perf_counter()
+        # SFT on the preferred answers first, then DPO against that SFT model: on a model this
+        # small DPO alone moves too little to refuse reliably.
         safe = copy.deepcopy(ft)
         pairs = preference_pairs(world, seed=config.seed)
-        dpo(safe, ft, tokenizer, pairs, config.dpo, seed, beta=config.dpo_beta, desc="DPO ft_small_safe", quiet=quiet)
+        chosen = [(question, preferred) for question, preferred, _ in pairs]
+        sft(safe, tokenizer, chosen, config.safe_sft, seed, desc="SFT ft_small_safe", quiet=quiet)
+        reference = copy.deepcopy(safe)
+        dpo(safe, reference, tokenizer, pairs, config.dpo, seed, beta=config.dpo_beta, desc="DPO ft_small_safe", quiet=quiet)
         _save(safe, tokenizer, out / "ft_small_safe")
         timings["ft_small_safe"] = time.perf_counter() - t
     return timings
 
 
-def _chain_entry(args: tuple) -> dict[str, float]:
-    return _train_chain(*args)
+def _probe(config: FamilyConfig, world, directory: Path) -> dict:
+    """Fact accuracy of both bases on held-out fact probes, and their decode step times."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory / "base_small")
+        n = min(200, 3 * len(world.eval_entities()))
+        facts = [p for p in eval_prompts(world, n_per_category=n, seed=config.seed) if p.category == "fact"]
+        out: dict = {"fact_probes": len(facts)}
+        for role in ("base_small", "base_large"):
+            model = AutoModelForCausalLM.from_pretrained(directory / role).eval()
+            out[f"{role}_fact_accuracy"] = round(fact_accuracy(model, tokenizer, facts), 3)
+            out[f"{role}_step_ms"] = round(1e3 * decode_step_seconds(model), 3)
+    finally:
+        torch.set_num_threads(threads)
+    out["step_ratio"] = round(out["base_large_step_ms"] / out["base_small_step_ms"], 2)
+    small_acc = out["base_small_fact_accuracy"]
+    out["fact_accuracy_ratio"] = round(out["base_large_fact_accuracy"] / small_acc, 2) if small_acc else None
+    return out
 
 
 def build_family(
@@ -141,11 +170,11 @@ def build_family(
         started = time.perf_counter()
         world, lines = _data(config)
         train_tokenizer(lines, config.vocab_size).save_pretrained(work / "tokenizer")
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(2) as pool:
-            results = pool.map(_chain_entry, [("large", config, work, quiet), ("small", config, work, quiet)])
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(_train_chain, ("large", "small"), [config] * 2, [work] * 2, [quiet] * 2))
         timings = {k: round(v, 1) for r in results for k, v in r.items()}
         shutil.rmtree(work / "tokenizer")
+        probes = _probe(config, world, work)
         manifest = {
             "version": FAMILY_VERSION,
             "config": asdict(config),
@@ -153,6 +182,7 @@ def build_family(
             "roles": list(ROLES),
             "seconds": round(time.perf_counter() - started, 1),
             "stage_seconds": timings,
+            "probes": probes,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if target.exists():  # --force: move the old family aside, then swap in the new one

@@ -178,11 +178,14 @@ def dpo(
     schedule: Schedule,
     seed: int,
     beta: float = 0.1,
+    nll_weight: float = 1.0,
     desc: str = "DPO",
     quiet: bool = False,
 ) -> list[float]:
     """Direct preference optimisation (Rafailov et al. 2023) against a frozen reference:
-    ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` over answer log-probs."""
+    ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` over answer log-probs, plus
+    ``nll_weight`` times the chosen answers' per-token negative log-likelihood, which keeps a
+    tiny policy from collapsing onto degenerate outputs (as in RPO, Pang et al. 2024)."""
     reference.eval().requires_grad_(False)
     rows = []
     for question, chosen, rejected in pairs:
@@ -199,6 +202,7 @@ def dpo(
         with torch.no_grad():
             ref = answer_logprobs(reference, ids, mask)
         margin = (pi - ref).view(-1, 2)
-        return -F.logsigmoid(beta * (margin[:, 0] - margin[:, 1])).mean()
+        chosen_nll = -(pi.view(-1, 2)[:, 0] / mask.view(-1, 2, mask.shape[1])[:, 0, 1:].sum(-1)).mean()
+        return -F.logsigmoid(beta * (margin[:, 0] - margin[:, 1])).mean() + nll_weight * chosen_nll
 
     return _optimise(policy, schedule, loss_of, desc, quiet)

@@ -1,0 +1,93 @@
+"""The embedded family's pipeline end to end at miniature size: build, cache, load, evaluate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eft_router.cli import main
+from eft_router.decoder import Engine
+from eft_router.family.build import MINIATURE, ROLES, build_family, family_dir, read_manifest
+from eft_router.family.train import Shape
+from eft_router.spec import EFTSpec, SamplingParams
+from eft_router.vocab import check_shared_vocabulary
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eft-cache")
+
+
+@pytest.fixture(scope="module")
+def mini_family(cache) -> dict[str, str]:
+    return build_family(MINIATURE, root=cache, quiet=True)
+
+
+def test_build_writes_every_role_and_a_manifest(mini_family, cache):
+    directory = family_dir(MINIATURE, cache)
+    assert set(mini_family) == set(ROLES)
+    manifest = read_manifest(directory)
+    assert manifest["digest"] == MINIATURE.digest() and set(manifest["stage_seconds"]) == set(ROLES)
+    tokenizers = {role: AutoTokenizer.from_pretrained(path) for role, path in mini_family.items()}
+    vocab = check_shared_vocabulary(tokenizers)
+    for role, path in mini_family.items():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.config.vocab_size == vocab
+        assert model.config.eos_token_id == tokenizers[role].eos_token_id
+    small = AutoModelForCausalLM.from_pretrained(mini_family["base_small"]).config
+    large = AutoModelForCausalLM.from_pretrained(mini_family["base_large"]).config
+    assert large.num_hidden_layers > small.num_hidden_layers
+    chat = tokenizers["ft_small"].apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|assistant|>")
+
+
+def test_cached_build_is_reused_and_force_rebuilds(mini_family, cache):
+    directory = family_dir(MINIATURE, cache)
+    stamp = (directory / "manifest.json").stat().st_mtime_ns
+    assert build_family(MINIATURE, root=cache, quiet=True) == mini_family
+    assert (directory / "manifest.json").stat().st_mtime_ns == stamp
+    assert build_family(MINIATURE, root=cache, force=True, quiet=True) == mini_family
+    assert (directory / "manifest.json").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in cache.iterdir()) == [directory.name]  # nothing left aside
+
+
+def test_a_failed_build_leaves_nothing_that_loads(tmp_path):
+    broken = replace(MINIATURE, large=Shape(hidden=30, layers=2, heads=4))  # 30 % 4 != 0: fails mid-build
+    with pytest.raises(Exception):
+        build_family(broken, root=tmp_path, quiet=True)
+    assert not family_dir(broken, tmp_path).exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary build folder is gone too
+
+
+def test_the_engine_serves_the_family(mini_family):
+    import asyncio
+
+    engine = Engine.local(mini_family)
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Where was Ada born?"}], tokenize=False, add_generation_prompt=True)
+    ids = engine.tokenizer(ids, add_special_tokens=False)["input_ids"]
+    deltas = {"ft_small": 0.5, "ft_small_safe": 0.5}
+    g = asyncio.run(engine.generate(ids, eft=EFTSpec(deltas=deltas), sampling=SamplingParams(temperature=0.0, max_new_tokens=5)))
+    assert 1 <= len(g.token_ids) <= 5
+
+
+def test_eval_report_has_every_section(mini_family, cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EFT_CACHE_DIR", str(cache))
+    main(["eval", "--miniature", "--quiet", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) >= {"meta", "two_by_two", "gap_recovered", "interpolation", "beta", "weight_top_p", "speculative"}
+    for key in ("T=0", "T=1"):
+        assert set(results["two_by_two"][key]) == {"small-ft (lower bound)", "large-ft (upper bound)", "EFT up-scaled", "EFT down-scaled"}
+        assert [p["lambda"] for p in results["interpolation"][key]["up-scaled"]] == [0.0, 0.5, 1.0]
+        assert set(results["interpolation"][key]) == {"small", "up-scaled"}
+    spec = results["speculative"]["table"]
+    assert {"plain EFT", "ft_small alone", "speculative k=1", "speculative k=2"} <= set(spec)
+    assert all(0.0 <= t <= 1.0 for t in results["speculative"]["tv"]) and results["speculative"]["tv"]
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("1. Scale decoupling", "2. Reward interpolation", "3a. Up-scaling amplification", "3b. Top-p filtering", "4. Speculative decoding"):
+        assert heading in report
+    for png in ("frontier.png", "tv_distance.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
