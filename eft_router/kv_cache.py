@@ -57,6 +57,14 @@ class SessionCaches:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._entries
 
+    def ids(self) -> list[str]:
+        """Cached session ids, least recently used first."""
+        return list(self._entries)
+
+    def tokens_of(self, session_id: str) -> list[int]:
+        """The token ids whose KV the session's cache holds."""
+        return list(self._entries[session_id].tokens)
+
     @property
     def cached_tokens(self) -> int:
         return sum(len(entry.tokens) for entry in self._entries.values())

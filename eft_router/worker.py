@@ -7,6 +7,7 @@ owns concurrency; a worker only turns token ids into log-probs as cheaply as the
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -50,12 +51,15 @@ class RoleWorker:
         self.device = torch.device(device)
         self.caches = SessionCaches(max_cached_tokens)
         self.computed_tokens = 0  # tokens run through the model: what cache reuse saves
+        self.forward_seconds = 0.0  # wall time inside the model's forward: the compute bound
 
     @torch.inference_mode()
     def _forward(self, entry: CacheEntry, new_ids: Sequence[int], rows: int) -> torch.Tensor:
         """Run ``new_ids`` after the entry's cached tokens; log-probs of the last ``rows``."""
         ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)
+        started = time.perf_counter()
         out = self.model(input_ids=ids, past_key_values=entry.kv, use_cache=True, logits_to_keep=rows)
+        self.forward_seconds += time.perf_counter() - started
         entry.kv = out.past_key_values
         entry.tokens.extend(new_ids)
         self.computed_tokens += len(new_ids)

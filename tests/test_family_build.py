@@ -32,6 +32,10 @@ def test_build_writes_every_role_and_a_manifest(mini_family, cache):
     assert set(mini_family) == set(ROLES)
     manifest = read_manifest(directory)
     assert manifest["digest"] == MINIATURE.digest() and set(manifest["stage_seconds"]) == set(ROLES)
+    probes = manifest["probes"]
+    assert probes["fact_probes"] > 0
+    for role in ("base_small", "base_large"):
+        assert 0.0 <= probes[f"{role}_fact_accuracy"] <= 1.0 and probes[f"{role}_step_ms"] > 0
     tokenizers = {role: AutoTokenizer.from_pretrained(path) for role, path in mini_family.items()}
     vocab = check_shared_vocabulary(tokenizers)
     for role, path in mini_family.items():

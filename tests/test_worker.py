@@ -52,7 +52,7 @@ def test_new_session_copies_the_longest_live_prefix(family_paths):
     assert torch.allclose(w.score("b", ids, len(ids)), cold(w, ids, len(ids)), atol=1e-5)
     assert w.computed_tokens - before == 2
     # The copy does not alias: session a is unchanged and still correct.
-    assert w.caches._entries["a"].tokens == system + [50]
+    assert w.caches.tokens_of("a") == system + [50]
     assert torch.allclose(w.score("a", system + [50], 3), cold(w, system + [50], 3), atol=1e-5)
 
 
@@ -88,7 +88,7 @@ def test_draft_returns_its_own_rows(family_paths):
     full = ids + d.tokens
     assert torch.allclose(d.logprobs, cold(w, full, len(ids)), atol=1e-5)
     assert d.tokens == [int(r.argmax()) for r in d.logprobs[:4]]  # greedy drafts are argmaxes
-    assert w.caches._entries["d"].tokens == full
+    assert w.caches.tokens_of("d") == full
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,236 @@
+"""The ensemble config file: which model serves each role, and how each role is deployed.
+
+```yaml
+drafter: ft_small                       # optional, must be one of the roles
+vocab_size: 32000                       # optional: the shared tokenizer's length
+defaults:                               # optional request defaults, validated like requests
+  eft: {preset: upscale, beta: 1.0}
+  sampling: {temperature: 0.7, top_p: 0.9}
+  speculative: {k: 4}
+roles:
+  base_large:
+    model: meta-llama/Llama-2-70b-hf    # local path or hub id
+    dtype: bfloat16
+    autoscaling_config: {min_replicas: 1, max_replicas: 4}
+    ray_actor_options: {num_cpus: 8, num_gpus: 1}
+  base_small: {model: meta-llama/Llama-2-7b-hf, num_replicas: 2}
+  ft_small: {model: meta-llama/Llama-2-7b-chat-hf, max_cached_tokens: 131072}
+```
+
+Every model is strict (unknown fields are refused) and every error names its field: pydantic
+reports the location (``roles.base_large.dtype``), and cross-field checks name the fields in
+their message. :meth:`EnsembleConfig.to_serve_config` turns the file into a Serve deploy
+config (one application ``eft-<role>`` per role) that ``serve deploy`` accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from eft_router.spec import FT_SMALL, EFTSpec, SamplingParams, SpecError, SpeculativeParams
+from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS
+
+APP_PREFIX = "eft-"  # Serve application of role r: f"{APP_PREFIX}{r}" (eft_router.serve_backend agrees)
+DEPLOYMENT_NAME = "RoleDeployment"
+IMPORT_PATH = "services.app:role_app"
+ROLE_NAME = re.compile(r"^(base_large|base_small|ft_[a-z0-9][a-z0-9_]*)$")
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """The config file cannot be read as a mapping (bad YAML, missing file)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActorOptions(_Strict):
+    """Ray actor options of each replica (``ray_actor_options`` in Serve)."""
+
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    memory: float | None = Field(default=None, ge=0)
+    resources: dict[str, float] | None = None
+    runtime_env: dict[str, Any] | None = None
+    accelerator_type: str | None = None
+    label_selector: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _serve_accepts(self) -> "ActorOptions":
+        from ray.serve.schema import RayActorOptionsSchema  # runtime_env URI rules etc.
+
+        RayActorOptionsSchema(**self.to_dict())
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class RoleConfig(_Strict):
+    """One role: its model, and how its Serve deployment runs.
+
+    ``num_replicas`` (fixed) and ``autoscaling_config`` (passed to Serve as is, validated by
+    Serve's own ``AutoscalingConfig``) are exclusive; with neither, one replica.
+    ``max_cached_tokens`` bounds each replica's KV caches (LRU by tokens).
+    """
+
+    model: str = Field(min_length=1)
+    dtype: Dtype = "float32"
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    max_cached_tokens: int = Field(default=DEFAULT_MAX_CACHED_TOKENS, ge=1)
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+            if unknown:  # Serve itself ignores unknown keys: a typo would pass silently
+                raise ValueError(
+                    f"unknown Serve autoscaling option(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(AutoscalingConfig.model_fields)}"
+                )
+            try:
+                AutoscalingConfig(**value)
+            except ValidationError as err:
+                problems = "; ".join(
+                    ".".join(map(str, e["loc"])) + ": " + e["msg"] if e["loc"] else e["msg"] for e in err.errors()
+                )
+                raise ValueError(f"not a valid Serve autoscaling config: {problems}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_exclusive(self) -> "RoleConfig":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("num_replicas and autoscaling_config: give one of them, not both")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """The Serve deployment options of this role (``Deployment.options`` keywords)."""
+        options: dict[str, Any] = {}
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        actor = self.ray_actor_options.to_dict()
+        if actor:
+            options["ray_actor_options"] = actor
+        if self.max_ongoing_requests is not None:
+            options["max_ongoing_requests"] = self.max_ongoing_requests
+        return options
+
+
+class Defaults(_Strict):
+    """Request defaults, checked with the same validation as requests (``eft_router.spec``)."""
+
+    eft: dict[str, Any] | None = None
+    sampling: dict[str, Any] | None = None
+    speculative: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _valid_specs(self) -> "Defaults":
+        for name, cls in (("eft", EFTSpec), ("sampling", SamplingParams), ("speculative", SpeculativeParams)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                cls(**value)
+            except SpecError as err:
+                field = err.field if err.field.startswith(f"{name}.") else f"{name}.{err.field}"
+                raise ValueError(f"defaults.{field}: {err.message}") from None
+            except TypeError as err:  # an unknown keyword
+                raise ValueError(f"defaults.{name}: {err}") from None
+        return self
+
+
+class EnsembleConfig(_Strict):
+    """The whole file: ``roles`` (role name -> :class:`RoleConfig`), the default ``drafter``,
+    optional ``vocab_size`` (the shared tokenizer's length; each replica computes it from
+    its model's tokenizer when absent) and optional request ``defaults``."""
+
+    roles: dict[str, RoleConfig] = Field(min_length=1)
+    drafter: str = FT_SMALL
+    vocab_size: int | None = Field(default=None, ge=1)
+    defaults: Defaults | None = None
+
+    @field_validator("roles")
+    @classmethod
+    def _role_names(cls, roles: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        for name in roles:
+            if not ROLE_NAME.match(name):
+                raise ValueError(
+                    f"role {name!r}: role names are base_large, base_small, ft_small, ft_large "
+                    "or ft_<name> (lower case letters, digits, underscores)"
+                )
+        return roles
+
+    @field_validator("drafter")
+    @classmethod
+    def _drafter_served(cls, drafter: str, info: ValidationInfo) -> str:
+        roles = info.data.get("roles")  # absent when roles itself was invalid
+        if roles is not None and drafter not in roles:
+            raise ValueError(f"must be one of the roles ({', '.join(roles)}), got {drafter!r}")
+        return drafter
+
+    @field_validator("defaults")
+    @classmethod
+    def _defaults_fit_roles(cls, defaults: Defaults | None, info: ValidationInfo) -> Defaults | None:
+        roles = info.data.get("roles")
+        if defaults is None or roles is None:
+            return defaults
+        if defaults.eft is not None:
+            try:
+                EFTSpec(**defaults.eft).resolve(list(roles))
+            except SpecError as err:
+                raise ValueError(f"defaults.{err.field}: {err.message}") from None
+        drafter = (defaults.speculative or {}).get("drafter")
+        if drafter is not None and drafter not in roles:
+            raise ValueError(
+                f"defaults.speculative.drafter: must be one of the roles ({', '.join(roles)}), got {drafter!r}"
+            )
+        return defaults
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "EnsembleConfig":
+        """Read and validate a YAML file; pydantic's ``ValidationError`` names bad fields,
+        :class:`ConfigError` an unreadable file."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read the ensemble config: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the ensemble config must be a mapping with a 'roles' key")
+        return cls.model_validate(data)
+
+    def app_args(self, role: str) -> dict[str, Any]:
+        """The arguments of role ``role``'s Serve application builder."""
+        rc = self.roles[role]
+        args: dict[str, Any] = {"role": role, "model": rc.model, "dtype": rc.dtype, "max_cached_tokens": rc.max_cached_tokens}
+        if self.vocab_size is not None:
+            args["vocab_size"] = self.vocab_size
+        return args
+
+    def to_serve_config(self) -> dict[str, Any]:
+        """A Serve deploy config (``ServeDeploySchema``): one application per role."""
+        apps = []
+        for role, rc in self.roles.items():
+            apps.append(
+                {
+                    "name": f"{APP_PREFIX}{role}",
+                    "import_path": IMPORT_PATH,
+                    "route_prefix": None,
+                    "args": self.app_args(role),
+                    "deployments": [{"name": DEPLOYMENT_NAME, **rc.deployment_options()}],
+                }
+            )
+        return {"applications": apps}

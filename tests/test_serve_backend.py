@@ -1,0 +1,278 @@
+"""The Ray Serve backend gives exactly the in-process backend's results.
+
+One local Ray + Serve for the whole module (about 30 s to start and deploy on 2 cores):
+base_large, base_small (two replicas: session affinity and release must hold across them)
+and ft_small from the tiny test family. The config tests need no Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from eft_router.decoder import Engine
+from eft_router.spec import SamplingParams, SpeculativeParams
+
+SERVED = ("base_large", "base_small", "ft_small")
+PROMPTS = ["w1 w2 w3", "w7", "w30 w31 w30 w31 w5"]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
+
+
+def ensemble(paths: dict[str, str], **overrides):
+    from services.config import EnsembleConfig
+
+    roles = {
+        role: {
+            "model": paths[role],
+            "num_replicas": 2 if role == "base_small" else 1,
+            "ray_actor_options": {"num_cpus": 0.5},
+            "max_cached_tokens": 2048,
+        }
+        for role in SERVED
+    }
+    return EnsembleConfig.model_validate({"roles": roles, **overrides})
+
+
+@pytest.fixture(scope="module")
+def served(family_paths):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from services.app import deploy_ensemble
+
+    ray.init(
+        address="local",  # never join a cluster someone else started on this machine
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 2**20,
+    )
+    try:
+        serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy
+        deploy_ensemble(ensemble(family_paths))
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def serve_roles(served):
+    from eft_router.serve_backend import connect_serve_roles
+
+    return connect_serve_roles(list(SERVED))
+
+
+@pytest.fixture(scope="module")
+def serve_engine(serve_roles, engine):
+    return Engine(serve_roles, engine.tokenizer)
+
+
+def replica_stats(role, replicas: int, tries: int = 40) -> dict[str, dict]:
+    """``stats()`` of every replica of a role (Serve routes each call to one replica)."""
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        st = asyncio.run(role._call("stats"))
+        seen[st["replica"]] = st
+        if len(seen) == replicas:
+            return seen
+    raise AssertionError(f"saw {len(seen)} of {replicas} replicas of {role.info.name}")
+
+
+def ids(engine, text):
+    return engine.tokenizer(text)["input_ids"]
+
+
+# -- Serve backend == in-process backend -------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_greedy_generation_equals_in_process(serve_engine, engine, k):
+    for prompt in PROMPTS:
+        kwargs = dict(sampling=GREEDY, speculative=SpeculativeParams(k=k))
+        local = asyncio.run(engine.generate(ids(engine, prompt), **kwargs))
+        remote = asyncio.run(serve_engine.generate(ids(engine, prompt), **kwargs))
+        assert remote.token_ids == local.token_ids, prompt
+        assert remote.text == local.text and remote.finish_reason == local.finish_reason
+        assert remote.stats.accepted_per_block == local.stats.accepted_per_block
+
+
+def test_score_equals_in_process(serve_engine, engine):
+    prompt, cont = ids(engine, "w1 w2 w3 w4"), ids(engine, "w5 w6 w7 w8 w9")
+    local = asyncio.run(engine.score(prompt, cont))
+    remote = asyncio.run(serve_engine.score(prompt, cont))
+    assert remote.token_ids == local.token_ids
+    # float32: a replica may start the session from a live session's cached prefix, which
+    # changes the last bits of values around 10; hence rel as well as abs 1e-6
+    assert remote.logprobs == pytest.approx(local.logprobs, rel=1e-6, abs=1e-6)
+    assert set(remote.role_logprobs) == set(local.role_logprobs)
+    for role, lp in local.role_logprobs.items():
+        assert remote.role_logprobs[role] == pytest.approx(lp, rel=1e-6, abs=1e-6), role
+
+
+def replica_totals(serve_roles) -> dict[str, dict[str, dict]]:
+    return {name: replica_stats(role, 2 if name == "base_small" else 1) for name, role in serve_roles.items()}
+
+
+def test_session_affinity_and_release_on_every_replica(serve_roles, serve_engine, engine):
+    """Every call of a session goes to one replica (so its cache is reused: each step runs
+    only the new tokens), and the release at the end of a generation reaches it: afterwards
+    no replica of any role holds a session."""
+    sid = "kept-" + uuid.uuid4().hex
+    prompt = ids(engine, "w3 w4 w5 w6 w7 w8")
+    before = replica_totals(serve_roles)
+    gen = asyncio.run(
+        serve_engine.generate(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=3), session_id=sid, release=False)
+    )
+    during = replica_totals(serve_roles)
+    for name in SERVED:
+        holders = [r for r, st in during[name].items() if sid in st["sessions"]]
+        assert len(holders) == 1, (name, during[name])
+        computed = sum(st["computed_tokens"] for st in during[name].values())
+        computed -= sum(st["computed_tokens"] for st in before[name].values())
+        # cache reuse: about one pass over prompt + output (+ rejected drafts), not one per step
+        assert computed <= len(prompt) + len(gen.token_ids) + 3 * gen.stats.blocks, (name, computed)
+    asyncio.run(serve_engine.release(sid))
+    asyncio.run(serve_engine.generate(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=2)))
+    for name, replicas in replica_totals(serve_roles).items():
+        for replica, st in replicas.items():
+            assert st["sessions"] == [] and st["cached_tokens"] == 0, (name, replica, st)
+
+
+def test_replica_without_the_session_recomputes(serve_roles, engine):
+    """Scoring a long prefix under a session id no replica has seen, then extending it (the
+    next call may land on the other replica), equals the in-process rows."""
+    long = ids(engine, " ".join(f"w{(7 * i) % 60}" for i in range(48)))
+    for name in ("base_large", "base_small"):
+        role, worker = serve_roles[name], engine.roles[name].worker
+        sid = "fresh-" + uuid.uuid4().hex
+        try:
+            for n, start in ((40, 30), (len(long), 41), (len(long), 5)):
+                remote = asyncio.run(role.score(sid, long[:n], start))
+                local = worker.score("ref-" + sid, long[:n], start)
+                assert remote.dtype == torch.float32 and remote.device.type == "cpu"
+                assert remote.shape == (n - start + 1, role.info.vocab_size)
+                torch.testing.assert_close(remote, local, atol=1e-6, rtol=0)
+        finally:
+            asyncio.run(role.release(sid))
+            worker.release("ref-" + sid)
+
+
+def test_draft_equals_in_process(serve_roles, engine):
+    prompt = ids(engine, "w9 w8 w7")
+    sampling = SamplingParams(temperature=0.8, top_p=0.9)
+    uniforms = [0.1, 0.5, 0.93, 0.3]
+    remote = asyncio.run(serve_roles["ft_small"].draft("d-" + uuid.uuid4().hex, prompt, 4, sampling, uniforms))
+    local = engine.roles["ft_small"].worker.draft("d-local", prompt, 4, sampling, uniforms)
+    engine.roles["ft_small"].worker.release("d-local")
+    asyncio.run(serve_roles["ft_small"].release("unused"))  # unknown sessions are ignored
+    assert remote.tokens == local.tokens
+    torch.testing.assert_close(remote.logprobs, local.logprobs, atol=1e-6, rtol=0)
+
+
+def test_errors_name_the_role(served, serve_roles, engine):
+    from eft_router.serve_backend import RoleFailed, RoleUnavailable, ServeRole, connect_serve_roles
+
+    with pytest.raises(RoleUnavailable, match="'ft_absent'"):
+        connect_serve_roles(["ft_absent"])
+    with pytest.raises(RoleFailed, match="'base_small'.*start") as err:  # the replica's own check
+        asyncio.run(serve_roles["base_small"].score("bad", [1, 2], 7))
+    assert isinstance(err.value.cause, ValueError) and err.value.role == "base_small"
+    role = serve_roles["base_large"]
+    hasty = ServeRole(role.info, role.handle, timeout_s=1e-4)
+    with pytest.raises(RoleUnavailable, match="'base_large'.*TimeoutError"):
+        asyncio.run(hasty.score("hasty", list(range(2, 60)), 2))
+    asyncio.run(role.release("hasty"))  # same replica (affinity), after the abandoned call
+
+
+def test_async_connect(served, serve_roles):
+    from eft_router.serve_backend import aconnect_serve_roles
+
+    roles = asyncio.run(aconnect_serve_roles(list(SERVED)))
+    assert {r: x.info for r, x in roles.items()} == {r: x.info for r, x in serve_roles.items()}
+
+
+def test_vocabulary_check_names_roles():
+    from eft_router.roles import RoleInfo
+    from eft_router.serve_backend import _check_roles
+    from eft_router.vocab import VocabularyMismatch
+
+    infos = {r: RoleInfo(r, "m", 3, 16) for r in ("base_large", "ft_small")}
+    vocabs = {"base_large": {"a": 0, "b": 1, "c": 2}, "ft_small": {"a": 0, "c": 1, "b": 2}}
+    _check_roles(infos, {"base_large": "x", "ft_small": "x"}, vocabs.__getitem__)
+    with pytest.raises(VocabularyMismatch, match="'ft_small'.*'base_large'.*id 1: 'b' vs 'c'"):
+        _check_roles(infos, {"base_large": "x", "ft_small": "y"}, vocabs.__getitem__)
+    with pytest.raises(VocabularyMismatch, match="size.*'ft_small': 4"):
+        _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16)}, {}, vocabs.__getitem__)
+    with pytest.raises(VocabularyMismatch, match="'ft_small'.*serves role 'base_large'"):
+        _check_roles({**infos, "ft_small": infos["base_large"]}, {}, vocabs.__getitem__)
+
+
+# -- the ensemble config ------------------------------------------------------------------------
+
+
+def test_config_to_serve_config_parses(family_paths, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.config import EnsembleConfig
+
+    raw = ensemble(family_paths).model_dump(exclude_none=True)
+    raw["roles"]["base_small"] = {"model": family_paths["base_small"], "dtype": "bfloat16",
+                                  "autoscaling_config": {"min_replicas": 1, "max_replicas": 3},
+                                  "max_ongoing_requests": 8}
+    raw["vocab_size"] = 62
+    raw["defaults"] = {"eft": {"beta": 1.5}, "sampling": {"temperature": 0.7}, "speculative": {"k": 4}}
+    path = tmp_path / "ensemble.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = EnsembleConfig.from_yaml(path)
+    serve_config = config.to_serve_config()
+    schema = ServeDeploySchema.model_validate(serve_config)
+    apps = {app.name: app for app in schema.applications}
+    assert set(apps) == {f"eft-{r}" for r in SERVED}
+    small = apps["eft-base_small"]
+    assert small.import_path == "services.app:role_app" and small.route_prefix is None
+    assert small.args == {"role": "base_small", "model": family_paths["base_small"], "dtype": "bfloat16",
+                          "max_cached_tokens": 65536, "vocab_size": 62}
+    (dep,) = small.deployments
+    assert dep.name == "RoleDeployment" and dep.max_ongoing_requests == 8
+    assert dep.autoscaling_config["max_replicas"] == 3
+    (large,) = apps["eft-base_large"].deployments
+    assert large.num_replicas == 1 and large.ray_actor_options.num_cpus == 0.5
+
+    from services.app import role_app  # the builder accepts the args it is given
+
+    assert role_app(small.args) is not None
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda c: c["roles"]["ft_small"].update(tp_size=2), "roles.ft_small.tp_size"),
+        (lambda c: c.update(replicas=2), "replicas"),
+        (lambda c: c["roles"]["base_large"].update(autoscaling_config={"max_replicas": 2}), "num_replicas and autoscaling_config"),
+        (lambda c: c.update(drafter="ft_other"), "drafter"),
+        (lambda c: c["roles"]["base_small"].update(dtype="float64"), "roles.base_small.dtype"),
+        (lambda c: c["roles"]["base_small"].update(num_replicas=0), "roles.base_small.num_replicas"),
+        (lambda c: c["roles"]["base_small"].update(max_cached_tokens=0), "roles.base_small.max_cached_tokens"),
+        (lambda c: c["roles"]["base_small"]["ray_actor_options"].update(num_cpu=1), "ray_actor_options.num_cpu"),
+        (lambda c: c["roles"].update(helper={"model": "x"}), "role 'helper'"),
+        (lambda c: c["roles"]["base_large"].update(num_replicas=None, autoscaling_config={"min_replicas": 3, "max_replicas": 2}), "roles.base_large.autoscaling_config"),
+        (lambda c: c["roles"]["base_large"].update(num_replicas=None, autoscaling_config={"min_replica": 1}), "min_replica"),
+        (lambda c: c.update(defaults={"sampling": {"top_p": 0}}), "defaults.sampling.top_p"),
+        (lambda c: c.update(defaults={"eft": {"deltas": {"ft_safe": 1.0}}}), "defaults.eft.deltas"),
+    ],
+)
+def test_config_errors_name_the_field(family_paths, change, field):
+    from services.config import EnsembleConfig
+
+    raw = ensemble(family_paths).model_dump(exclude_none=True)
+    change(raw)
+    with pytest.raises(ValidationError) as err:
+        EnsembleConfig.model_validate(raw)
+    assert field in str(err.value), str(err.value)
