@@ -44,7 +44,7 @@ class FamilyConfig:
     n_entities: int = 400
     vocab_size: int = 1024
     small: Shape = Shape(hidden=48, layers=1)
-    large: Shape = Shape(hidden=64, layers=8)
+    large: Shape = Shape(hidden=64, layers=10)
     pretrain_small: Schedule = Schedule(steps=600)
     pretrain_large: Schedule = Schedule(steps=1500)
     sft: Schedule = Schedule(steps=260, lr=1e-3)
