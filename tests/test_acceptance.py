@@ -131,8 +131,10 @@ def enumerate_block(p: torch.Tensor, q: torch.Tensor, depth: int | None = None) 
     return dict(law)
 
 
-def theoretical_block_law(p: torch.Tensor, q: torch.Tensor) -> dict[tuple[int, ...], float]:
-    """The law stated in the module docstring, from the rows alone."""
+def theoretical_block_law(p: torch.Tensor, q: torch.Tensor, resample_from_p: bool = False) -> dict[tuple[int, ...], float]:
+    """The law stated in the module docstring, from the rows alone. ``resample_from_p`` gives
+    the law of a wrong rule whose rejections resample from p instead of
+    normalize(max(0, p - q)) (the power check uses it)."""
     pd, qd = p.double().numpy(), q.double().numpy()
     k, vocab = qd.shape
     law: dict[tuple[int, ...], float] = defaultdict(float)
@@ -143,8 +145,11 @@ def theoretical_block_law(p: torch.Tensor, q: torch.Tensor) -> dict[tuple[int, .
             for y in range(vocab):
                 law[prefix + (y,)] += weight * pd[k, y]
             return
+        reject = 1.0 - np.minimum(pd[t], qd[t]).sum()
         for y in range(vocab):
-            law[prefix + (y,)] += weight * max(0.0, pd[t, y] - qd[t, y])
+            # P(reject at t, then y) = max(0, p - q)(y) for the right rule (the residual's mass
+            # is exactly the rejection probability); reject * p(y) for the wrong one
+            law[prefix + (y,)] += weight * (reject * pd[t, y] if resample_from_p else max(0.0, pd[t, y] - qd[t, y]))
             m = min(pd[t, y], qd[t, y])
             if m > 0:
                 rec(prefix + (y,), weight * m)
@@ -415,30 +420,7 @@ def test_monte_carlo_joint_law_k2() -> None:
     assert p_pair > 1e-3
     # power: t_1 given J >= 2 is not p_1, and a residual of p is detectably wrong
     naive = {(a, b): pd[0, a] * pd[1, b] for a in range(vocab) for b in range(vocab)}
-    p_naive, p_wrong = g_test(pairs, naive, n2), g_test(counts, wrong_residual_law(p, q), n)
+    p_naive, p_wrong = g_test(pairs, naive, n2), g_test(counts, theoretical_block_law(p, q, resample_from_p=True), n)
     print(f"power: pair vs p_1 x p_2 p = {p_naive:.3g}; joint vs residual-p law p = {p_wrong:.3g}")
     assert p_naive < 1e-6
     assert p_wrong < 1e-6
-
-
-def wrong_residual_law(p: torch.Tensor, q: torch.Tensor) -> dict[tuple[int, ...], float]:
-    """The block law if a rejection resampled from p instead of normalize(max(0, p - q))."""
-    pd, qd = p.double().numpy(), q.double().numpy()
-    k, vocab = qd.shape
-    law: dict[tuple[int, ...], float] = defaultdict(float)
-
-    def rec(prefix: tuple[int, ...], weight: float) -> None:
-        t = len(prefix)
-        if t == k:
-            for y in range(vocab):
-                law[prefix + (y,)] += weight * pd[k, y]
-            return
-        reject = 1.0 - np.minimum(pd[t], qd[t]).sum()
-        for y in range(vocab):
-            law[prefix + (y,)] += weight * reject * pd[t, y]
-            m = min(pd[t, y], qd[t, y])
-            if m > 0:
-                rec(prefix + (y,), weight * m)
-
-    rec((), 1.0)
-    return {key: w for key, w in law.items() if w > 0}
