@@ -27,6 +27,8 @@ class RoleWorker:
 
     ``vocab_size`` is the shared tokenizer's length: a model whose embedding has more rows
     (padding to a multiple of 64, say) has its extra logits trimmed before the softmax.
+    ``session_idle_s`` frees a session's cache after that long unused (None: only the
+    ``max_cached_tokens`` LRU bound and releases free caches).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class RoleWorker:
         dtype: str = "float32",
         device: str = "cpu",
         max_cached_tokens: int = DEFAULT_MAX_CACHED_TOKENS,
+        session_idle_s: float | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -49,7 +52,7 @@ class RoleWorker:
         context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.info = RoleInfo(name=name, model=str(model), vocab_size=vocab_size, context_length=int(context))
         self.device = torch.device(device)
-        self.caches = SessionCaches(max_cached_tokens)
+        self.caches = SessionCaches(max_cached_tokens, session_idle_s)
         self.computed_tokens = 0  # tokens run through the model: what cache reuse saves
         self.forward_seconds = 0.0  # wall time inside the model's forward: the compute bound
 

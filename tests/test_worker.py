@@ -100,3 +100,20 @@ def test_bad_calls_raise(family_paths, ids, start, message):
     w = RoleWorker("base_small", family_paths["base_small"], V)
     with pytest.raises(ValueError, match=message):
         w.score("x", ids, start)
+
+
+def test_idle_sessions_are_freed(family_paths):
+    now = [1000.0]
+    w = RoleWorker("base_small", family_paths["base_small"], V, session_idle_s=30.0)
+    w.caches.clock = lambda: now[0]
+    w.score("old", [3, 4, 5], 3)
+    now[0] += 20
+    w.score("recent", [6, 7, 8], 3)
+    now[0] += 15  # "old" idle 35 s, "recent" 15 s
+    w.score("recent", [6, 7, 8, 9], 4)
+    assert w.caches.ids() == ["recent"]
+    now[0] += 31
+    w.caches.expire()
+    assert w.caches.ids() == []
+    # an expired session is recomputed, correctly
+    assert torch.allclose(w.score("old", [3, 4, 5], 3), cold(w, [3, 4, 5], 3), atol=1e-5)
