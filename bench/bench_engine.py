@@ -120,7 +120,7 @@ def main() -> None:
     steps = {role: step_time(engine, role) for role in ("base_large", "base_small", "ft_small")}
 
     tps = {name: statistics.median(s[1] / s[0] for s in runs) for name, runs in samples.items()}
-    print(f"cached decode step (median): " + ", ".join(f"{r} {t * 1e3:.2f} ms" for r, t in steps.items()))
+    print("cached decode step (median): " + ", ".join(f"{r} {t * 1e3:.2f} ms" for r, t in steps.items()))
     print(f"base_large / ft_small step cost: {steps['base_large'] / steps['ft_small']:.1f}x")
     print()
     print(f"{'configuration':<24}{'tokens/s':>10}{'vs plain':>10}{'accept':>9}{'tok/block':>11}")

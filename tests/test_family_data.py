@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import pytest
@@ -19,7 +18,6 @@ from eft_router.family.metrics import (
 )
 from eft_router.family.tokenizer import ASSISTANT, BOS, CHAT_TEMPLATE, EOS, PAD, USER, train_tokenizer
 from eft_router.family.world import (
-    fact_value,
     FACT_ATTRIBUTES,
     REFUSAL,
     EvalPrompt,
@@ -28,6 +26,7 @@ from eft_router.family.world import (
     build_world,
     chat_messages,
     eval_prompts,
+    fact_value,
     pretraining_corpus,
     preference_pairs,
     sft_examples,
@@ -86,7 +85,6 @@ def test_split_is_disjoint_and_complete(world):
 
 def test_every_fact_is_in_the_corpus_repeats_times(world, corpus):
     text = "\n".join(corpus)
-    sentences = Counter(s for line in corpus for s in re.split(r"(?<=\.) ", line))
     for entity in world.entities:
         # every mention of a name is a fact statement (4 facts x repeats + the secret's
         # mentions) or a question of a question-and-answer pair (2 per fact and the secret)
