@@ -6,9 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench family eval clean
+.PHONY: test demo serve bench family eval clean
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml setup.py proto/eft/v1/eft.proto
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
@@ -18,8 +18,20 @@ $(STAMP): requirements.lock pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The embedded family (trained on first use, about 5 minutes on 2 cores, then cached), a
+# private local Ray with every role as a Serve deployment, the gRPC router, example requests
+# through the gRPC client; everything is stopped before it exits.
+demo: $(STAMP)
+	$(VENV)/bin/eft demo
+
+# The same ensemble and router, serving on localhost:50051 until Ctrl-C.
+serve: $(STAMP)
+	$(VENV)/bin/eft serve --local
+
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_grpc.py
+	$(PY) bench/bench_serve.py
 
 family: $(STAMP)
 	$(VENV)/bin/eft family build
@@ -28,4 +40,4 @@ eval: $(STAMP)
 	$(VENV)/bin/eft eval --out docs/eval
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info eft_router/api/eft_pb2*

@@ -81,6 +81,35 @@ async def run_config(
     return tuple(total)  # type: ignore[return-value]
 
 
+ROLES = ("base_large", "base_small", "ft_small")
+
+
+def bench_models(family: bool, tmp: str) -> dict[str, str]:
+    """The three roles of the embedded family (built if not cached) or of the synthetic one (built in ``tmp``)."""
+    if family:
+        from eft_router.family.build import build_family
+
+        paths = build_family(quiet=True)
+    else:
+        paths = build_tiny_family(tmp, [f"w{i}" for i in range(200)], SYNTHETIC)
+    return {r: str(paths[r]) for r in ROLES}
+
+
+def bench_prompts(engine: Engine, family: bool) -> list[list[int]]:
+    return family_prompts(engine) if family else [engine.tokenizer(p)["input_ids"] for p in SYNTHETIC_PROMPTS]
+
+
+def concurrency_parser(doc: str, concurrency: str, default: list[int]) -> argparse.ArgumentParser:
+    """The options of the benchmarks that compare a path against the engine in-process."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", action="store_true", help="the embedded family instead of the synthetic one")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("-k", type=int, default=4, help="draft block size of the speculative rows")
+    parser.add_argument(f"--{concurrency}", type=int, nargs="+", default=default)
+    return parser
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], metavar="ROLE=PATH", help="default: a synthetic tiny family")
@@ -91,20 +120,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    if args.family:
-        from eft_router.family.build import build_family
-
-        paths = build_family()
-    elif args.model:
-        paths = dict(item.split("=", 1) for item in args.model)
+    if args.model:
+        paths = {r: p for r, p in (item.split("=", 1) for item in args.model) if r in ROLES}
     else:
-        words = [f"w{i}" for i in range(200)]
-        paths = build_tiny_family(tempfile.mkdtemp(prefix="eft-bench-"), words, SYNTHETIC)
-    engine = Engine.local({r: p for r, p in paths.items() if r in ("base_large", "base_small", "ft_small")})
-    if args.family:
-        prompts = family_prompts(engine)
-    else:
-        prompts = [engine.tokenizer(p)["input_ids"] for p in SYNTHETIC_PROMPTS]
+        paths = bench_models(args.family, tempfile.mkdtemp(prefix="eft-bench-"))
+    engine = Engine.local(paths)
+    prompts = bench_prompts(engine, args.family)
 
     configs = {
         "ft_small alone": (EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), 0),

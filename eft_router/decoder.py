@@ -10,10 +10,11 @@ one seeded generator per request, drawn in a fixed order, so a seed fixes the ou
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -92,11 +93,22 @@ class ScoreResult:
     role_logprobs: dict[str, list[float]]
 
 
+log = logging.getLogger(__name__)
 _REFERENCE = {FT_LARGE: BASE_LARGE}  # other fine-tunes are fine-tunes of base_small
+_RELEASING: set[asyncio.Future] = set()  # releases still running after their caller was cancelled
 
 
 async def _gather(calls: Sequence[Awaitable[torch.Tensor]]) -> list[torch.Tensor]:
-    return [await calls[0]] if len(calls) == 1 else list(await asyncio.gather(*calls))
+    """The calls' results; a failure is raised only once every call has ended. Raising at the
+    first failure would let the caller release the session while the other calls still run:
+    a served role would store their caches after the release, and keep them."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)
 
 
 class Engine:
@@ -196,7 +208,7 @@ class Engine:
                 yield chunk
         finally:
             if release:
-                await self.release(session)
+                await self.release(session, [*plan.roles, *([drafter] if drafter else [])])
 
     async def _block(
         self,
@@ -261,8 +273,21 @@ class Engine:
         assert last is not None and last.finish_reason is not None and last.stats is not None
         return Generation(tokens, text, last.finish_reason, last.stats, diags)
 
-    async def release(self, session_id: str) -> None:
-        await asyncio.gather(*(role.release(session_id) for role in self.roles.values()))
+    async def release(self, session_id: str, roles: Iterable[str] | None = None) -> None:
+        """Free the session's caches on ``roles`` (default: every role).
+
+        Best effort: a role that cannot be reached keeps the cache until its LRU bound or
+        idle timeout frees it; that is logged, not raised, because the request it belongs to
+        has its answer already. Runs to the end even when the caller is cancelled meanwhile:
+        a cancelled generation releases in its ``finally``, and a second cancellation there
+        (a timeout around it, a server shutting down) must not leave the caches behind."""
+        names = list(self.roles) if roles is None else list(dict.fromkeys(roles))
+        releasing = asyncio.gather(*(self.roles[r].release(session_id) for r in names), return_exceptions=True)
+        _RELEASING.add(releasing)  # the loop keeps only weak references to running tasks
+        releasing.add_done_callback(_RELEASING.discard)
+        for name, result in zip(names, await asyncio.shield(releasing)):
+            if isinstance(result, Exception):
+                log.warning("could not release session %s on role %s: %s", session_id, name, result)
 
     # -- scoring ------------------------------------------------------------------------
 
@@ -277,7 +302,7 @@ class Engine:
         try:
             outs = await _gather([self.roles[r].score(session, prompt + cont, len(prompt)) for r in plan.roles])
         finally:
-            await self.release(session)
+            await self.release(session, plan.roles)
         rows = {r: lp[:-1] for r, lp in zip(plan.roles, outs)}
         index = torch.tensor(cont).unsqueeze(-1)
         eft_lp = torch.log_softmax(combine(rows, plan), dim=-1).gather(-1, index).squeeze(-1)

@@ -16,7 +16,7 @@ from ray.serve import Application
 
 from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS
 
-from .config import ROLE_NAME, Dtype, EnsembleConfig
+from .config import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, ROLE_NAME, Dtype, EnsembleConfig
 from .role_deployment import RoleDeployment
 
 
@@ -30,6 +30,10 @@ class RoleAppArgs(BaseModel):
     dtype: Dtype = "float32"
     max_cached_tokens: int = Field(default=DEFAULT_MAX_CACHED_TOKENS, ge=1)
     vocab_size: int | None = Field(default=None, ge=1)
+    session_idle_s: float | None = Field(default=None, gt=0)
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
+    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
+    tp_size: int = Field(default=1, ge=1)  # > 1: the deployment options must reserve the placement group
 
 
 def _bind(args: RoleAppArgs, options: dict[str, Any] | None = None) -> Application:
@@ -40,6 +44,10 @@ def _bind(args: RoleAppArgs, options: dict[str, Any] | None = None) -> Applicati
         dtype=args.dtype,
         max_cached_tokens=args.max_cached_tokens,
         vocab_size=args.vocab_size,
+        session_idle_s=args.session_idle_s,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        tp_size=args.tp_size,
     )
 
 

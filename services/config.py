@@ -32,11 +32,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from eft_router.messages import RequestDefaults
+from eft_router.router_config import RouterConfig
+from eft_router.serve_backend import APP_PREFIX, DEPLOYMENT_NAME
 from eft_router.spec import FT_SMALL, EFTSpec, SamplingParams, SpecError, SpeculativeParams
 from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS
 
-APP_PREFIX = "eft-"  # Serve application of role r: f"{APP_PREFIX}{r}" (eft_router.serve_backend agrees)
-DEPLOYMENT_NAME = "RoleDeployment"
+DEFAULT_MAX_BATCH_SIZE = 8  # concurrent sessions' calls run in one forward pass (Serve batching)
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.002  # how long a call waits for others to join its batch
 IMPORT_PATH = "services.app:role_app"
 ROLE_NAME = re.compile(r"^(base_large|base_small|ft_[a-z0-9][a-z0-9_]*)$")
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -78,6 +81,22 @@ class RoleConfig(_Strict):
     ``num_replicas`` (fixed) and ``autoscaling_config`` (passed to Serve as is, validated by
     Serve's own ``AutoscalingConfig``) are exclusive; with neither, one replica.
     ``max_cached_tokens`` bounds each replica's KV caches (LRU by tokens).
+    ``session_idle_s`` frees a session's caches on a replica once no call of that session
+    came for that long (within 1.5x that time, whether or not other calls come): a client
+    that vanished without releasing stops holding memory. Unset: only releases and the
+    token bound free caches.
+    ``max_batch_size`` / ``batch_wait_timeout_s``: a replica runs up to that many concurrent
+    sessions' calls in one forward pass, a call waiting at most that long for others to join
+    (only while no batch is running: under load, calls queue behind the running batch anyway).
+    Unset ``max_ongoing_requests`` becomes ``2 * max_batch_size`` (one batch running, the
+    next one filling): Serve's own default of 5 would cap the batches.
+    ``tp_size > 1`` shards the model over that many rank processes per replica (DeepSpeed
+    AutoTP, ``services.tensor_parallel``). ``ray_actor_options`` then describes one model
+    process: each rank reserves ``num_cpus`` (default 1), ``num_gpus`` and ``memory``; the
+    replica itself the same CPUs and memory, no GPU, plus the custom ``resources`` (node
+    pinning). The replica reserves it all as one ``STRICT_PACK`` placement group: one node.
+    ``health_check_period_s``: how often Serve calls the replica's ``check_health`` (Serve's
+    default: 10 s); a failed check (a dead tensor-parallel rank, say) replaces the replica.
     """
 
     model: str = Field(min_length=1)
@@ -87,6 +106,11 @@ class RoleConfig(_Strict):
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     max_ongoing_requests: int | None = Field(default=None, ge=1)
     max_cached_tokens: int = Field(default=DEFAULT_MAX_CACHED_TOKENS, ge=1)
+    session_idle_s: float | None = Field(default=None, gt=0)
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
+    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
+    tp_size: int = Field(default=1, ge=1)
+    health_check_period_s: float | None = Field(default=None, gt=0)
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -115,6 +139,32 @@ class RoleConfig(_Strict):
             raise ValueError("num_replicas and autoscaling_config: give one of them, not both")
         return self
 
+    @model_validator(mode="after")
+    def _batches_fit(self) -> "RoleConfig":
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
+                "a replica never holds enough calls to fill a batch; raise one or lower the other"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_own_gpus(self) -> "RoleConfig":
+        gpus = self.ray_actor_options.num_gpus
+        if self.tp_size > 1 and gpus is not None and gpus != int(gpus):
+            raise ValueError(
+                f"tp_size {self.tp_size} with ray_actor_options.num_gpus {gpus}: each rank needs whole GPUs "
+                "(nccl refuses two ranks on one GPU)"
+            )
+        return self
+
+    def _bundles(self, replica: dict[str, Any], gpus: float) -> list[dict[str, float]]:
+        """Placement group bundles: 0 for the replica, 1..tp_size for the ranks."""
+        cpus = replica.get("num_cpus") or 1  # a bundle may not be all zeros
+        memory = {"memory": replica["memory"]} if "memory" in replica else {}
+        rank = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **memory}
+        return [{"CPU": cpus, **memory, **replica.get("resources", {})}] + [dict(rank) for _ in range(self.tp_size)]
+
     def deployment_options(self) -> dict[str, Any]:
         """The Serve deployment options of this role (``Deployment.options`` keywords)."""
         options: dict[str, Any] = {}
@@ -123,10 +173,14 @@ class RoleConfig(_Strict):
         else:
             options["num_replicas"] = self.num_replicas or 1
         actor = self.ray_actor_options.to_dict()
+        if self.tp_size > 1:
+            options["placement_group_bundles"] = self._bundles(actor, actor.pop("num_gpus", 0))
+            options["placement_group_strategy"] = "STRICT_PACK"  # the ranks rendezvous on the replica's node
         if actor:
             options["ray_actor_options"] = actor
-        if self.max_ongoing_requests is not None:
-            options["max_ongoing_requests"] = self.max_ongoing_requests
+        options["max_ongoing_requests"] = self.max_ongoing_requests or 2 * self.max_batch_size
+        if self.health_check_period_s is not None:
+            options["health_check_period_s"] = self.health_check_period_s
         return options
 
 
@@ -162,6 +216,9 @@ class EnsembleConfig(_Strict):
     drafter: str = FT_SMALL
     vocab_size: int | None = Field(default=None, ge=1)
     defaults: Defaults | None = None
+    tokenizer: str | None = None  # the shared tokenizer for the router (default: the drafter's model)
+    app_prefix: str = Field(default=APP_PREFIX, pattern=r"^[a-z0-9][a-z0-9-]*$")  # role r: application <app_prefix><r>
+    router: RouterConfig = Field(default_factory=RouterConfig)
 
     @field_validator("roles")
     @classmethod
@@ -212,10 +269,23 @@ class EnsembleConfig(_Strict):
             raise ConfigError(f"{path}: the ensemble config must be a mapping with a 'roles' key")
         return cls.model_validate(data)
 
+    def request_defaults(self) -> RequestDefaults:
+        """What unset request fields mean on the router (validated at load time)."""
+        d = self.defaults or Defaults()
+        return RequestDefaults.from_dicts(d.eft, d.sampling, d.speculative)
+
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.roles[self.drafter].model
+
     def app_args(self, role: str) -> dict[str, Any]:
         """The arguments of role ``role``'s Serve application builder."""
         rc = self.roles[role]
         args: dict[str, Any] = {"role": role, "model": rc.model, "dtype": rc.dtype, "max_cached_tokens": rc.max_cached_tokens}
+        args |= {"max_batch_size": rc.max_batch_size, "batch_wait_timeout_s": rc.batch_wait_timeout_s}
+        if rc.tp_size > 1:
+            args["tp_size"] = rc.tp_size
+        if rc.session_idle_s is not None:
+            args["session_idle_s"] = rc.session_idle_s
         if self.vocab_size is not None:
             args["vocab_size"] = self.vocab_size
         return args
@@ -226,7 +296,7 @@ class EnsembleConfig(_Strict):
         for role, rc in self.roles.items():
             apps.append(
                 {
-                    "name": f"{APP_PREFIX}{role}",
+                    "name": f"{self.app_prefix}{role}",
                     "import_path": IMPORT_PATH,
                     "route_prefix": None,
                     "args": self.app_args(role),

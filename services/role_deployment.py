@@ -18,6 +18,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+import ray
 import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -25,7 +26,10 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from eft_router.roles import Draft, RoleInfo
 from eft_router.spec import SamplingParams
-from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS, RoleWorker
+from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS, DraftRequest, RoleWorker, ScoreRequest
+
+from .config import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE
+from .tensor_parallel import TensorParallelWorker
 
 
 def vocab_digest(vocab: dict[str, int]) -> str:
@@ -36,8 +40,6 @@ def vocab_digest(vocab: dict[str, int]) -> str:
 
 def _pick_device() -> str:
     """``cuda`` when Ray gave this replica a GPU (``ray_actor_options.num_gpus``), else ``cpu``."""
-    import ray
-
     try:
         gpus = ray.get_gpu_ids()
     except Exception:  # not inside Ray (a unit test constructing the class directly)
@@ -99,8 +101,14 @@ class RoleDeployment:
     single-threaded by design (its LRU caches and a model's KV caches are not thread safe).
     Not the worker inline on the event loop either: a forward pass would then block the
     replica's loop, which also answers health checks and reports queue metrics to the
-    autoscaler. ``max_ongoing_requests`` therefore bounds how many calls wait here; batching
-    concurrent sessions into one forward pass comes later (issue 4 follow-up).
+    autoscaler. ``max_ongoing_requests`` therefore bounds how many calls wait here.
+
+    Batching: ``score`` and ``draft`` calls of concurrent sessions go through Serve's
+    ``@serve.batch`` queues and run as one ``score_many`` / ``draft_many`` on the worker
+    thread: one forward pass per batch (per draft step), where unbatched calls would queue
+    for the thread one forward pass each. ``max_batch_size`` and ``batch_wait_timeout_s``
+    are set per replica from the role's config. A request is validated before it joins a
+    batch, so a bad one fails alone instead of failing the calls batched with it.
 
     Tensors are returned as CPU float32 tensors (Serve pickles them to the caller).
     """
@@ -112,6 +120,10 @@ class RoleDeployment:
         dtype: str = "float32",
         max_cached_tokens: int = DEFAULT_MAX_CACHED_TOKENS,
         vocab_size: int | None = None,
+        session_idle_s: float | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
+        tp_size: int = 1,
     ) -> None:
         self._vocab: dict[str, int] | None = None
         try:
@@ -129,21 +141,54 @@ class RoleDeployment:
             if vocab_size is None:
                 vocab_size = len(tokenizer)
         self._digest = vocab_digest(self._vocab) if self._vocab is not None else None
-        self.worker = RoleWorker(role, model, vocab_size, dtype, _pick_device(), max_cached_tokens)
+        # tp_size > 1: the model sharded over rank actors, behind the same worker interface
+        args = dict(
+            name=role, model=model, vocab_size=vocab_size, dtype=dtype, max_cached_tokens=max_cached_tokens,
+            session_idle_s=session_idle_s,
+        )
+        self.worker: RoleWorker | TensorParallelWorker = (
+            TensorParallelWorker(tp_size, **args) if tp_size > 1 else RoleWorker(**args, device=_pick_device())
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"role-{role}")
+        for batched in (self._score_batch, self._draft_batch):
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # The caches see idleness only when a call touches them: sweep, so that an abandoned
+        # session goes even when no further call comes (at most 1.5 x session_idle_s after
+        # its last call). The constructor runs on the replica's event loop.
+        self._sweeper: asyncio.Task | None = None
+        if session_idle_s is not None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._expire_idle_sessions(session_idle_s / 2))
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def _expire_idle_sessions(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self._run(self.worker.expire_idle_sessions)
+
     # -- the Role calls ----------------------------------------------------------------------
 
     async def score(self, session_id: str, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        return await self._run(self.worker.score, session_id, list(token_ids), start)
+        request = ScoreRequest(session_id, list(token_ids), start)
+        self.worker.validate(request)
+        return await self._score_batch(request)
 
     async def draft(
         self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float]
     ) -> Draft:
-        return await self._run(self.worker.draft, session_id, list(token_ids), k, sampling, list(uniforms))
+        request = DraftRequest(session_id, list(token_ids), k, sampling, list(uniforms))
+        self.worker.validate(request)
+        return await self._draft_batch(request)
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def _score_batch(self, requests: list[ScoreRequest]) -> list[torch.Tensor]:
+        return await self._run(self.worker.score_many, requests)
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def _draft_batch(self, requests: list[DraftRequest]) -> list[Draft]:
+        return await self._run(self.worker.draft_many, requests)
 
     async def release(self, session_id: str) -> None:
         await self._run(self.worker.release, session_id)
@@ -174,19 +219,33 @@ class RoleDeployment:
                 "sessions": caches.ids(),
                 "cached_tokens": caches.cached_tokens,
                 "computed_tokens": self.worker.computed_tokens,
+                "batches": self.worker.batches,
+                "batched_calls": self.worker.batched_calls,
             }
 
         out = await self._run(read)
         out["replica"] = serve.get_replica_context().replica_id.unique_id
+        out["node"] = ray.get_runtime_context().get_node_id()  # where the config placed it
         return out
 
     async def check_health(self) -> None:
         """Serve's periodic health check: runs on the event loop, so a long forward pass on
-        the worker thread does not fail it; a broken worker thread does."""
+        the worker thread does not fail it; a broken worker thread does, and so does a
+        failed or unresponsive tensor-parallel rank."""
         if self._executor._shutdown:  # noqa: SLF001 - no public flag
             raise RuntimeError(f"role {self.worker.info.name!r}: worker thread is shut down")
+        if self._sweeper is not None and self._sweeper.done():  # it only ends by raising
+            raise RuntimeError(f"role {self.worker.info.name!r}: idle-session sweep failed") from self._sweeper.exception()
+        if isinstance(self.worker, TensorParallelWorker):
+            await self.worker.check_health()
 
     def __del__(self) -> None:
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
         executor = getattr(self, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        worker = getattr(self, "worker", None)
+        if isinstance(worker, TensorParallelWorker):
+            worker.shutdown()

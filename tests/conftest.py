@@ -1,6 +1,14 @@
-"""Shared fixtures: tiny random role families built once per test run."""
+"""Shared fixtures: tiny random role families built once per test run, and one Ray cluster
+with the tiny family served on it (started on first use)."""
 
 from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 import torch
@@ -10,6 +18,12 @@ torch.set_num_threads(1)
 
 from eft_router.decoder import Engine
 from eft_router.tiny import TinyModel, build_tiny_family
+
+if TYPE_CHECKING:
+    from ray.cluster_utils import Cluster
+
+    from eft_router.serve_backend import ServeRole
+    from services.config import EnsembleConfig
 
 WORDS = [f"w{i}" for i in range(60)]
 # Peaked (init_std 0.3) so that roles disagree visibly and speculative blocks see both
@@ -47,3 +61,130 @@ def tiny_vocab_paths(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_vocab_engine(tiny_vocab_paths) -> Engine:
     return Engine.local(tiny_vocab_paths)
+
+
+# -- one Ray cluster with the tiny family served on it, for the whole run ---------------------
+
+# Each worker node's own custom resource: a role is pinned to a node by
+# ray_actor_options.resources {<resource>: 1} in the ensemble config.
+NODE_RESOURCES = ("node_a", "node_b")
+SERVED_ROLES = ("base_large", "base_small", "ft_small")
+PINNED = {"base_large": "node_a", "ft_small": "node_b"}  # base_small: anywhere
+
+
+@dataclass(frozen=True)
+class ServedEnsemble:
+    """What :func:`served_ensemble` deployed: the validated config (per-role deployment
+    options, node pinning) and the served roles (Serve applications ``eft-<role>``)."""
+
+    config: EnsembleConfig
+    roles: tuple[str, ...]
+
+    def replicas(self, role: str) -> int:
+        """How many replicas ``role`` runs (the config's fixed ``num_replicas``)."""
+        return self.config.roles[role].num_replicas or 1
+
+
+def served_ensemble_config(paths: dict[str, str]) -> EnsembleConfig:
+    """The shared ensemble: base_large pinned to node_a, base_small with two replicas
+    (session affinity and release must hold across replicas), ft_small pinned to node_b."""
+    from services.config import EnsembleConfig
+
+    roles = {}
+    for role in SERVED_ROLES:
+        actor: dict[str, Any] = {"num_cpus": 0.5}
+        if role in PINNED:
+            actor["resources"] = {PINNED[role]: 1}
+        roles[role] = {
+            "model": paths[role],
+            "num_replicas": 2 if role == "base_small" else 1,
+            "ray_actor_options": actor,
+            "max_cached_tokens": 2048,
+        }
+    return EnsembleConfig.model_validate({"roles": roles})
+
+
+async def areplica_stats(role: ServeRole, replicas: int, tries: int = 40) -> dict[str, dict[str, Any]]:
+    """``stats()`` of every replica of a role, by replica id. Serve routes each call to one
+    replica (calls without a session go to a random one), so this asks until it has seen
+    ``replicas`` distinct ones."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(tries):
+        st = await role._call("stats")
+        seen[st["replica"]] = st
+        if len(seen) == replicas:
+            return seen
+    raise AssertionError(f"saw {len(seen)} of {replicas} replicas of {role.info.name}")
+
+
+def replica_stats(role: ServeRole, replicas: int, tries: int = 40) -> dict[str, dict[str, Any]]:
+    """:func:`areplica_stats` from outside an event loop."""
+    return asyncio.run(areplica_stats(role, replicas, tries))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Cluster]:
+    """A head and two worker nodes on this machine (``ray.cluster_utils.Cluster``), each
+    worker with its own custom resource (:data:`NODE_RESOURCES`), this process connected as
+    the driver, and Serve started with handles only (no HTTP proxy).
+
+    One per run because starting costs about 15 s; a test that needs another deployment adds
+    a Serve application under its own name and deletes it after. Logical CPUs are
+    over-provisioned (4 per node on 2 cores): replicas of tiny models are mostly idle, and
+    Serve reserves CPUs per replica. Ray's files go to a private temp dir (``RAY_TMPDIR``,
+    inherited by every Ray process), so this cluster's address file and sessions never meet
+    the clusters other runs start on the same machine. The dir name is short: Ray's unix
+    socket paths must stay under 108 bytes.
+    """
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="eft-ray-")
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=4, include_dashboard=False)
+        for resource in NODE_RESOURCES:
+            cluster.add_node(num_cpus=4, resources={resource: 100})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        serve.start(proxy_location="Disabled")
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        cluster.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def served_ensemble(ray_cluster: Cluster, family_paths: dict[str, str]) -> ServedEnsemble:
+    """:func:`served_ensemble_config` deployed on :func:`ray_cluster` once per run (20-50 s
+    on 2 cores). Tests must leave it as they found it: release their sessions, and deploy
+    other configurations as applications of their own."""
+    from services.app import deploy_ensemble
+
+    config = served_ensemble_config(family_paths)
+    deploy_ensemble(config)
+    return ServedEnsemble(config, SERVED_ROLES)
+
+
+@pytest.fixture(scope="session")
+def serve_roles(served_ensemble: ServedEnsemble) -> dict[str, ServeRole]:
+    """The served roles behind the engine's role interface (Serve handles)."""
+    from eft_router.serve_backend import connect_serve_roles
+
+    return connect_serve_roles(list(served_ensemble.roles))
+
+
+@pytest.fixture(scope="session")
+def serve_engine(serve_roles: dict[str, ServeRole], engine: Engine) -> Engine:
+    """The engine over the served roles, with the in-process engine's tokenizer."""
+    return Engine(serve_roles, engine.tokenizer)

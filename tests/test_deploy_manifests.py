@@ -5,15 +5,25 @@
   `kubectl apply` (server-side strict field validation) would.
 * Core kinds are validated with kubernetes-validate's bundled schemas in strict mode.
 * The inline serveConfigV2 and deploy/serve_config.yaml are parsed by Ray Serve's own
-  ServeDeploySchema, plus a check for keys it would silently ignore.
+  ServeDeploySchema, plus a check for keys it would silently ignore; both equal what
+  deploy/ensemble.yaml (the router's ensemble config, validated by EnsembleConfig) generates.
+* The router sidecar of the head pod: command (run through the real CLI parser), ports,
+  Ray token env, the shared /tmp/ray, termination timing, and no pod-readiness probes.
+* deploy/wait_for_roles.py (the sidecar's entry point) against a fake dashboard.
+* The Dockerfile: install order, the generated gRPC code, the files the manifests name.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
+import shlex
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import kubernetes_validate
@@ -28,6 +38,8 @@ from ray.serve.schema import (
     ServeDeploySchema,
 )
 
+from services.config import EnsembleConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 CRD_PATH = Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "ray.io_rayservices.yaml"
@@ -37,6 +49,8 @@ ROLES = ("base_large", "base_small", "ft_small", "ft_large", "ft_small_safe")
 AUTOSCALED = {"base_large", "ft_small"}
 IMPORT_PATH = "services.app:role_app"
 IMAGE = "eft-router:latest"
+ROUTER = "eft-router"  # the router sidecar's container name
+APP = "/app"  # the image's WORKDIR: /app/deploy/... in commands is deploy/... here
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD is 1 MB: libyaml when available
 
 
@@ -69,6 +83,11 @@ def serve_inline(rayservice) -> dict:
     text = rayservice["spec"].get("serveConfigV2")
     assert isinstance(text, str) and text.strip(), "spec.serveConfigV2 must be a non-empty YAML string"
     return yaml.load(text, Loader=Loader)
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> EnsembleConfig:
+    return EnsembleConfig.from_yaml(DEPLOY / "ensemble.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +212,47 @@ def _containers(rayservice: dict):
         yield from group["template"]["spec"]["containers"]
 
 
+def _head_container(rayservice: dict, name: str) -> dict:
+    head, _ = _groups(rayservice)
+    (container,) = [c for c in head["template"]["spec"]["containers"] if c["name"] == name]
+    return container
+
+
+def _ports(container: dict) -> dict[str, int]:
+    return {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _prestop_sleep(container: dict) -> float:
+    """Seconds the container's preStop hook sleeps before anything else."""
+    command = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    found = re.search(r"\bsleep (\d+(?:\.\d+)?)", command)
+    assert found, f"{container['name']}: preStop does not sleep: {command}"
+    return float(found.group(1))
+
+
+def _local(path: str) -> str:
+    """A path inside the image (/app/...) as the same file in this checkout."""
+    return str(ROOT / path[len(APP) + 1 :]) if path.startswith(APP + "/") else path
+
+
+def _eft_serve_call(argv: list[str], monkeypatch) -> dict:
+    """Run `eft ARGV` through the real CLI with the launcher replaced: what it would serve."""
+    from eft_router import cli
+
+    calls = []
+    fake = SimpleNamespace(serve_forever=lambda config, backend, address, deploy_roles: calls.append(
+        dict(config=config, backend=backend, address=address, deploy_roles=deploy_roles)
+    ))
+    monkeypatch.setattr(cli, "_launch", lambda: fake)
+    cli.main([_local(a) for a in argv])
+    (call,) = calls
+    return call
+
+
 # --------------------------------------------------------------------------- RayService vs the CRD
 
 
@@ -256,7 +316,7 @@ def test_core_manifests_validate_strictly(manifests):
         kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
 
 
-def test_grpc_service_targets_the_head_pod(manifests, rayservice):
+def test_grpc_service_targets_the_router_sidecar(manifests, rayservice, ensemble):
     (svc,) = [d for d in manifests if d.get("kind") == "Service"]
     spec = svc["spec"]
     assert spec.get("type", "ClusterIP") == "ClusterIP"
@@ -268,10 +328,18 @@ def test_grpc_service_targets_the_head_pod(manifests, rayservice):
     for key, value in selector.items():  # the rest must come from the head pod template
         if not key.startswith("ray.io/"):
             assert head_labels.get(key) == value, f"selector {key}={value} is not on the head pod template"
-    head_ports = {p.get("name"): p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    target = port.get("targetPort", port["port"])
-    assert (head_ports.get(target) if isinstance(target, str) else target) == 50051
-    assert 50051 in head_ports.values()
+    containers = head["template"]["spec"]["containers"]
+    named = [name for c in containers for name in _ports(c) if name]
+    assert len(named) == len(set(named)), f"port names must be unique in the pod: {named}"
+
+    def resolve(target) -> tuple[str, int]:
+        (hit,) = [(c["name"], n) for c in containers for name, n in _ports(c).items() if target in (name, n)]
+        return hit
+
+    assert resolve(port.get("targetPort", port["port"])) == (ROUTER, ensemble.router.port)
+    metrics = [p for p in spec["ports"] if p["port"] != 50051]
+    for extra in metrics:  # the router's Prometheus port, if the Service carries it
+        assert resolve(extra.get("targetPort", extra["port"])) == (ROUTER, ensemble.router.metrics_port)
 
 
 # --------------------------------------------------------------------------- cluster shape
@@ -281,8 +349,10 @@ def test_rayservice_cluster_shape(rayservice):
     head, workers = _groups(rayservice)
     assert rayservice["spec"]["rayClusterConfig"].get("rayVersion") == "2.60.0"
     assert {w["groupName"] for w in workers} == {"large-nodes", "small-nodes"}
-    head_ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    assert {6379, 8265, 8000, 50051} <= head_ports
+    ray_head = head["template"]["spec"]["containers"][0]
+    assert ray_head["name"] == "ray-head"  # KubeRay: the first container is the Ray container
+    assert {6379, 8265, 8000} <= set(_ports(ray_head).values())
+    assert 50051 not in _ports(ray_head).values(), "the gRPC port belongs to the router sidecar"
     assert not set(group_custom_resources(head)) & {"large_node", "small_node"}, "no role replica on the head"
     for group in workers:
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
@@ -308,7 +378,7 @@ def test_group_custom_resources_parser():
 
 
 @pytest.mark.parametrize("which", ["serve_file", "serve_inline"])
-def test_serve_configs_parse_with_serve_schema(which, request):
+def test_serve_configs_parse_with_serve_schema(which, request, ensemble):
     raw = request.getfixturevalue(which)
     config = ServeDeploySchema.model_validate(raw)
     assert unknown_serve_keys(raw) == []
@@ -317,12 +387,8 @@ def test_serve_configs_parse_with_serve_schema(which, request):
         role = app.name.removeprefix("eft-")
         assert app.import_path == IMPORT_PATH
         assert app.route_prefix is None
-        assert app.args == {
-            "role": role,
-            "model": f"/models/family/{role}",
-            "dtype": "float32",
-            "max_cached_tokens": 65536,
-        }
+        assert app.args["model"] == f"/models/family/{role}"
+        assert app.args == ensemble.app_args(role)
         (dep,) = app.deployments
         assert dep.name == "RoleDeployment"
         fields = dep.model_fields_set
@@ -386,6 +452,115 @@ def test_deployment_resources_exist_in_a_worker_group(serve_inline, rayservice):
             assert fits, f"{app['name']} asks for {wanted} and {opts.get('num_cpus')} CPUs; groups offer {offered}"
 
 
+# --------------------------------------------------------------------------- the ensemble config
+
+
+def test_ensemble_config_is_valid_for_the_router(ensemble):
+    assert list(ensemble.roles) == list(ROLES)
+    assert ensemble.drafter == "ft_small"
+    for role, rc in ensemble.roles.items():
+        assert rc.model == f"/models/family/{role}"  # the image's /models/family symlink
+    assert ensemble.tokenizer_path() == "/models/family/ft_small"
+    router = ensemble.router
+    assert (router.host, router.port) == ("0.0.0.0", 50051)  # reachable from outside the container
+    assert router.metrics_port and router.metrics_port != router.port
+    # Nothing that names a file: the config must validate in any container, and TLS and
+    # tokens come from the environment (Secrets) instead.
+    assert router.tls is None and router.auth_token_file is None and router.tokens() == []
+    assert router.with_env({}).tokens() == []
+    assert router.with_env({"EFT_AUTH_TOKENS": "tok-a, tok-b"}).tokens() == ["tok-a", "tok-b"]
+
+
+def test_serve_config_is_what_the_ensemble_config_generates(serve_file, ensemble):
+    """serve_config.yaml = EnsembleConfig(...).to_serve_config() + the proxy options, so
+    `serve deploy deploy/serve_config.yaml` and `eft serve --deploy` deploy the same roles
+    (and serveConfigV2 equals serve_config.yaml, checked above)."""
+    generated = ensemble.to_serve_config()
+    assert set(serve_file) == set(generated) | {"proxy_location", "http_options"}
+    assert [a["name"] for a in serve_file["applications"]] == [a["name"] for a in generated["applications"]]
+    assert serve_file["applications"] == generated["applications"]
+
+
+def test_serve_config_agreement_check_catches_a_drift(serve_file, ensemble):
+    drifted = ensemble.model_copy(deep=True)
+    drifted.roles["ft_small"].max_batch_size = 4
+    assert drifted.to_serve_config()["applications"] != serve_file["applications"]
+
+
+# --------------------------------------------------------------------------- the router sidecar
+
+
+def test_router_sidecar_runs_eft_serve_on_the_head(rayservice, ensemble, monkeypatch):
+    router = _head_container(rayservice, ROUTER)
+    assert router["image"] == _head_container(rayservice, "ray-head")["image"] == IMAGE
+    command = router["command"] + router.get("args", [])
+    assert command[:2] == ["python", f"{APP}/deploy/wait_for_roles.py"]
+    cut = command.index("--")
+    waiter, serve = command[2:cut], command[cut + 1 :]
+    assert waiter == ["--config", f"{APP}/deploy/ensemble.yaml"]
+    assert serve[0] == "eft"
+
+    call = _eft_serve_call(serve[1:], monkeypatch)
+    assert call["backend"] == "serve"
+    assert call["address"] == "127.0.0.1:6379"  # the head's GCS, same pod network
+    assert call["deploy_roles"] is False  # KubeRay deploys the roles from serveConfigV2
+    assert call["config"].roles == ensemble.roles and call["config"].router == ensemble.router
+
+    ports = _ports(router)
+    assert ports == {"grpc": ensemble.router.port, "router-metrics": ensemble.router.metrics_port}
+    res = router["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and res["requests"] == res["limits"]
+    env = _env(router)
+    assert env["OMP_NUM_THREADS"]["value"] == str(int(cpu_quantity(res["limits"]["cpu"])))
+
+
+def test_router_sidecar_has_no_probe_that_gates_the_head_pod(rayservice):
+    """KubeRay deploys serveConfigV2 (and keeps talking to the dashboard) only while the head
+    pod is Ready, and a pod is Ready only when every container is. The router reports
+    SERVING only once the roles answer, so a readiness (or startup) probe on it would keep
+    the roles from ever being deployed; a liveness probe would restart it during that wait.
+    """
+    router = _head_container(rayservice, ROUTER)
+    for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+        assert probe not in router, f"{ROUTER}.{probe}: see this test's docstring"
+
+
+def test_router_sidecar_gets_the_ray_cluster_token(rayservice):
+    """KubeRay injects RAY_AUTH_MODE/RAY_AUTH_TOKEN into the Ray container (index 0) only, from
+    the Secret authOptions.secretName names: the sidecar gets the same env from the same Secret."""
+    auth = rayservice["spec"]["rayClusterConfig"]["authOptions"]
+    assert auth["mode"] == "token" and auth.get("secretName")
+    env = _env(_head_container(rayservice, ROUTER))
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": auth["secretName"], "key": "auth_token"}  # KubeRay's key; required
+    users = env["EFT_AUTH_TOKENS"]["valueFrom"]["secretKeyRef"]
+    assert users["optional"] is True and users["name"] != auth["secretName"]
+
+
+def test_router_sidecar_shares_the_ray_temp_dir(rayservice):
+    """A driver on the head node connects to the raylet and object store over unix sockets
+    in the head's session dir (/tmp/ray/session_*/sockets)."""
+    head, _ = _groups(rayservice)
+    volumes = {v["name"]: v for v in head["template"]["spec"].get("volumes", [])}
+    mounts = {}
+    for name in ("ray-head", ROUTER):
+        (mount,) = [m for m in _head_container(rayservice, name).get("volumeMounts", []) if m["mountPath"] == "/tmp/ray"]
+        mounts[name] = mount["name"]
+    assert mounts["ray-head"] == mounts[ROUTER] == "ray-logs"  # KubeRay's name: its autoscaler joins it
+    assert "emptyDir" in volumes["ray-logs"]
+
+
+def test_termination_lets_the_router_drain_before_ray_stops(rayservice, ensemble):
+    head, _ = _groups(rayservice)
+    grace = head["template"]["spec"]["terminationGracePeriodSeconds"]
+    router_done = _prestop_sleep(_head_container(rayservice, ROUTER)) + ensemble.router.grace_s
+    ray_head = _head_container(rayservice, "ray-head")
+    ray_stop = _prestop_sleep(ray_head)
+    assert "ray stop" in " ".join(ray_head["lifecycle"]["preStop"]["exec"]["command"])
+    assert router_done < ray_stop < grace, (router_done, ray_stop, grace)
+
+
 # --------------------------------------------------------------------------- Dockerfile
 
 
@@ -427,3 +602,188 @@ def test_dockerfile_pins_torch_and_installs_the_lock():
     assert {"8000", "50051"} <= exposed
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def _copied_to_app() -> dict[str, str]:
+    """Image path -> source path of every file or folder the Dockerfile COPYs into /app."""
+    copied = {}
+    for op, arg in _dockerfile_instructions():
+        if op != "COPY" or arg.startswith("--"):
+            continue
+        *sources, dest = arg.split()
+        base = APP + "/" + dest.removeprefix("./").rstrip("/") if dest not in (".", "./") else APP
+        for src in sources:
+            target = f"{base}/{Path(src).name}" if dest.endswith("/") or dest in (".", "./") else base
+            copied[target.rstrip("/")] = src
+    return copied
+
+
+def test_dockerfile_builds_the_grpc_code_from_the_proto():
+    instructions = _dockerfile_instructions()
+    runs = [(i, arg) for i, (op, arg) in enumerate(instructions) if op == "RUN"]
+    (install,) = [(i, arg) for i, arg in runs if re.search(r"pip install (.* )?--no-deps \.(\s|$)", arg)]
+    copied_before = {
+        src for op, arg in instructions[: install[0]] if op == "COPY" for src in arg.split()[:-1]
+    }
+    # setup.py's build_py hook runs protoc on proto/; pyproject names the build requirements.
+    assert {"pyproject.toml", "setup.py", "proto", "eft_router", "services"} <= copied_before
+    assert "--no-build-isolation" not in install[1]  # pip fetches setuptools + grpcio-tools
+    check = install[1].split("pip install", 1)[1]
+    assert re.search(r"from eft_router\.api import .*eft_pb2_grpc", check)
+    assert re.search(r"\bcd /(\s|$)", check), "import check must not run from /app (the source tree)"
+    build_requires = re.search(r"^requires = (.*)$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert "grpcio-tools" in build_requires and "setuptools" in build_requires
+
+
+def test_files_the_commands_name_are_in_the_image(rayservice):
+    copied = _copied_to_app()
+    cmd = [arg for op, arg in _dockerfile_instructions() if op == "CMD"]
+    texts = [" ".join(c.get("command", []) + c.get("args", [])) for c in _containers(rayservice)] + cmd
+    named = {m for text in texts for m in re.findall(r"/app/[\w./-]+", text)}
+    assert f"{APP}/deploy/ensemble.yaml" in named and f"{APP}/deploy/wait_for_roles.py" in named
+    for path in sorted(named):
+        assert path in copied, f"{path} is used but not COPYed into the image (COPYs: {sorted(copied)})"
+        assert Path(_local(path)).exists(), path
+
+
+def test_dockerfile_default_command_deploys_and_serves(ensemble, monkeypatch):
+    (cmd,) = [arg for op, arg in _dockerfile_instructions() if op == "CMD"]
+    argv = json.loads(cmd)
+    assert argv[:2] == ["bash", "-c"]
+    script = argv[2]
+    steps = [s.strip() for s in script.split("&&")]
+    head = [s for s in steps if s.startswith("ray start")]
+    assert head and "--head" in head[0]
+    resources = json.loads(re.search(r"--resources='([^']*)'", head[0]).group(1))
+    wanted = {k for rc in ensemble.roles.values() for k in (rc.ray_actor_options.resources or {})}
+    assert wanted <= set(resources), "one node must offer every node group's resource"
+    (serve,) = [s for s in steps if s.startswith("exec eft serve")]  # exec: the router gets SIGTERM
+    call = _eft_serve_call(shlex.split(serve)[2:], monkeypatch)
+    assert (call["backend"], call["address"], call["deploy_roles"]) == ("serve", "auto", True)
+    assert call["config"].roles == ensemble.roles
+
+
+# --------------------------------------------------------------------------- deploy/wait_for_roles.py
+
+
+@pytest.fixture(scope="module")
+def waiter():
+    spec = importlib.util.spec_from_file_location("wait_for_roles", DEPLOY / "wait_for_roles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def dashboard():
+    """A fake Ray dashboard: GET /api/serve/applications/ answers `state["apps"]` (name ->
+    status), or `state["code"]`; records the Authorization headers it saw."""
+    state = {"apps": {}, "code": 200, "auth": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            state["auth"].append(self.headers.get("Authorization"))
+            if self.path != "/api/serve/applications/":
+                self.send_error(404)
+                return
+            if state["code"] != 200:
+                self.send_error(state["code"])
+                return
+            body = json.dumps({"applications": {n: {"name": n, "status": s} for n, s in state["apps"].items()}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_port}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_waiter_names_the_ensemble_applications(waiter, serve_file):
+    assert waiter.app_names(str(DEPLOY / "ensemble.yaml")) == [a["name"] for a in serve_file["applications"]]
+
+
+def test_waiter_polls_until_every_role_runs(waiter):
+    replies = iter([
+        ConnectionRefusedError("dashboard not up"),
+        {},
+        {"eft-a": "DEPLOYING"},
+        {"eft-a": "DEPLOYING"},
+        {"eft-a": "RUNNING", "eft-b": "DEPLOYING", "other": "DEPLOY_FAILED"},
+        {"eft-a": "RUNNING", "eft-b": "RUNNING", "other": "DEPLOY_FAILED"},
+    ])
+
+    def fetch():
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    lines, sleeps = [], []
+    waiter.wait_for(["eft-a", "eft-b"], fetch, interval_s=2, log=lines.append, sleep=sleeps.append)
+    assert sleeps == [2] * 5
+    assert lines[0].startswith("waiting for role applications: dashboard=unreachable (ConnectionRefusedError")
+    assert lines[1:] == [
+        "waiting for role applications: eft-a=NOT_DEPLOYED, eft-b=NOT_DEPLOYED",
+        "waiting for role applications: eft-a=DEPLOYING, eft-b=NOT_DEPLOYED",  # logged once, not per poll
+        "waiting for role applications: eft-b=DEPLOYING",
+        "all 2 role applications are RUNNING",
+    ]
+
+
+def test_waiter_times_out_and_stops_on_a_refused_token(waiter):
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    with pytest.raises(TimeoutError, match="eft-a=DEPLOYING"):
+        waiter.wait_for(["eft-a"], lambda: {"eft-a": "DEPLOYING"}, 1, timeout_s=5, log=lambda _: None, sleep=sleep, clock=lambda: now[0])
+    assert now[0] == 5
+
+    def refused():
+        raise waiter.AuthRefused("no")
+
+    with pytest.raises(waiter.AuthRefused):
+        waiter.wait_for(["eft-a"], refused, 1, log=lambda _: None, sleep=lambda _: None)
+
+
+def test_waiter_reads_the_dashboard_with_the_ray_token(waiter, dashboard):
+    dashboard["apps"] = {"eft-a": "RUNNING"}
+    assert waiter.fetch_statuses(dashboard["url"], "tok") == {"eft-a": "RUNNING"}
+    assert waiter.fetch_statuses(dashboard["url"] + "/", None) == {"eft-a": "RUNNING"}
+    assert dashboard["auth"] == ["Bearer tok", None]
+    for code in (401, 403):
+        dashboard["code"] = code
+        with pytest.raises(waiter.AuthRefused, match=f"HTTP {code}"):
+            waiter.fetch_statuses(dashboard["url"], "wrong")
+    dashboard["code"] = 503
+    with pytest.raises(Exception):  # retried by wait_for, like an unreachable dashboard
+        waiter.fetch_statuses(dashboard["url"], "tok")
+
+
+def test_waiter_main_execs_the_command_once_the_roles_run(waiter, dashboard, serve_file, monkeypatch, capsys):
+    dashboard["apps"] = {a["name"]: "RUNNING" for a in serve_file["applications"]}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "cluster-token")
+    execs = []
+    monkeypatch.setattr(waiter.os, "execvp", lambda file, argv: execs.append((file, argv)))
+    monkeypatch.setattr(waiter.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM alone
+    config = str(DEPLOY / "ensemble.yaml")
+    argv = ["--config", config, "--dashboard", dashboard["url"], "--", "eft", "serve", "--config", config]
+    assert waiter.main(argv) == 0  # execvp is faked: it returns
+    assert execs == [("eft", ["eft", "serve", "--config", config])]
+    assert dashboard["auth"] == ["Bearer cluster-token"]
+    assert "all 5 role applications are RUNNING" in capsys.readouterr().out
+
+    dashboard["code"] = 401
+    assert waiter.main(["--config", config, "--dashboard", dashboard["url"], "--", "true"]) == 1
+    assert len(execs) == 1

@@ -1,8 +1,9 @@
 """The Ray Serve backend gives exactly the in-process backend's results.
 
-One local Ray + Serve for the whole module (about 30 s to start and deploy on 2 cores):
-base_large, base_small (two replicas: session affinity and release must hold across them)
-and ft_small from the tiny test family. The config tests need no Ray.
+The ensemble runs on the run's shared Ray cluster (``served_ensemble`` in conftest: a head
+and two worker nodes, base_large and ft_small pinned to different nodes, base_small with
+two replicas: session affinity and release must hold across them). The config tests need
+no Ray.
 """
 
 from __future__ import annotations
@@ -15,74 +16,12 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from eft_router.decoder import Engine
+from conftest import SERVED_ROLES as SERVED
+from conftest import replica_stats, served_ensemble_config
 from eft_router.spec import SamplingParams, SpeculativeParams
 
-SERVED = ("base_large", "base_small", "ft_small")
 PROMPTS = ["w1 w2 w3", "w7", "w30 w31 w30 w31 w5"]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
-
-
-def ensemble(paths: dict[str, str], **overrides):
-    from services.config import EnsembleConfig
-
-    roles = {
-        role: {
-            "model": paths[role],
-            "num_replicas": 2 if role == "base_small" else 1,
-            "ray_actor_options": {"num_cpus": 0.5},
-            "max_cached_tokens": 2048,
-        }
-        for role in SERVED
-    }
-    return EnsembleConfig.model_validate({"roles": roles, **overrides})
-
-
-@pytest.fixture(scope="module")
-def served(family_paths):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from services.app import deploy_ensemble
-
-    ray.init(
-        address="local",  # never join a cluster someone else started on this machine
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 * 2**20,
-    )
-    try:
-        serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy
-        deploy_ensemble(ensemble(family_paths))
-        yield
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    assert not ray.is_initialized()
-
-
-@pytest.fixture(scope="module")
-def serve_roles(served):
-    from eft_router.serve_backend import connect_serve_roles
-
-    return connect_serve_roles(list(SERVED))
-
-
-@pytest.fixture(scope="module")
-def serve_engine(serve_roles, engine):
-    return Engine(serve_roles, engine.tokenizer)
-
-
-def replica_stats(role, replicas: int, tries: int = 40) -> dict[str, dict]:
-    """``stats()`` of every replica of a role (Serve routes each call to one replica)."""
-    seen: dict[str, dict] = {}
-    for _ in range(tries):
-        st = asyncio.run(role._call("stats"))
-        seen[st["replica"]] = st
-        if len(seen) == replicas:
-            return seen
-    raise AssertionError(f"saw {len(seen)} of {replicas} replicas of {role.info.name}")
 
 
 def ids(engine, text):
@@ -123,7 +62,8 @@ def replica_totals(serve_roles) -> dict[str, dict[str, dict]]:
 def test_session_affinity_and_release_on_every_replica(serve_roles, serve_engine, engine):
     """Every call of a session goes to one replica (so its cache is reused: each step runs
     only the new tokens), and the release at the end of a generation reaches it: afterwards
-    no replica of any role holds a session."""
+    no replica of any role holds either session. (Only these two: the cluster is shared
+    with other test modules.)"""
     sid = "kept-" + uuid.uuid4().hex
     prompt = ids(engine, "w3 w4 w5 w6 w7 w8")
     before = replica_totals(serve_roles)
@@ -139,10 +79,11 @@ def test_session_affinity_and_release_on_every_replica(serve_roles, serve_engine
         # cache reuse: about one pass over prompt + output (+ rejected drafts), not one per step
         assert computed <= len(prompt) + len(gen.token_ids) + 3 * gen.stats.blocks, (name, computed)
     asyncio.run(serve_engine.release(sid))
-    asyncio.run(serve_engine.generate(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=2)))
+    ended = "ended-" + uuid.uuid4().hex
+    asyncio.run(serve_engine.generate(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=2), session_id=ended))
     for name, replicas in replica_totals(serve_roles).items():
         for replica, st in replicas.items():
-            assert st["sessions"] == [] and st["cached_tokens"] == 0, (name, replica, st)
+            assert not {sid, ended} & set(st["sessions"]), (name, replica, st)
 
 
 def test_replica_without_the_session_recomputes(serve_roles, engine):
@@ -176,7 +117,7 @@ def test_draft_equals_in_process(serve_roles, engine):
     torch.testing.assert_close(remote.logprobs, local.logprobs, atol=1e-6, rtol=0)
 
 
-def test_errors_name_the_role(served, serve_roles, engine):
+def test_errors_name_the_role(serve_roles, engine):
     from eft_router.serve_backend import RoleFailed, RoleUnavailable, ServeRole, connect_serve_roles
 
     with pytest.raises(RoleUnavailable, match="'ft_absent'"):
@@ -191,7 +132,7 @@ def test_errors_name_the_role(served, serve_roles, engine):
     asyncio.run(role.release("hasty"))  # same replica (affinity), after the abandoned call
 
 
-def test_async_connect(served, serve_roles):
+def test_async_connect(serve_roles):
     from eft_router.serve_backend import aconnect_serve_roles
 
     roles = asyncio.run(aconnect_serve_roles(list(SERVED)))
@@ -205,13 +146,14 @@ def test_vocabulary_check_names_roles():
 
     infos = {r: RoleInfo(r, "m", 3, 16) for r in ("base_large", "ft_small")}
     vocabs = {"base_large": {"a": 0, "b": 1, "c": 2}, "ft_small": {"a": 0, "c": 1, "b": 2}}
-    _check_roles(infos, {"base_large": "x", "ft_small": "x"}, vocabs.__getitem__)
+    apps = {r: f"eft-{r}" for r in infos}
+    _check_roles(infos, {"base_large": "x", "ft_small": "x"}, vocabs.__getitem__, apps)
     with pytest.raises(VocabularyMismatch, match="'ft_small'.*'base_large'.*id 1: 'b' vs 'c'"):
-        _check_roles(infos, {"base_large": "x", "ft_small": "y"}, vocabs.__getitem__)
+        _check_roles(infos, {"base_large": "x", "ft_small": "y"}, vocabs.__getitem__, apps)
     with pytest.raises(VocabularyMismatch, match="size.*'ft_small': 4"):
-        _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16)}, {}, vocabs.__getitem__)
-    with pytest.raises(VocabularyMismatch, match="'ft_small'.*serves role 'base_large'"):
-        _check_roles({**infos, "ft_small": infos["base_large"]}, {}, vocabs.__getitem__)
+        _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16)}, {}, vocabs.__getitem__, apps)
+    with pytest.raises(VocabularyMismatch, match="'ft_small'.*'eft-ft_small' serves role 'base_large'"):
+        _check_roles({**infos, "ft_small": infos["base_large"]}, {}, vocabs.__getitem__, apps)
 
 
 # -- the ensemble config ------------------------------------------------------------------------
@@ -222,10 +164,10 @@ def test_config_to_serve_config_parses(family_paths, tmp_path):
 
     from services.config import EnsembleConfig
 
-    raw = ensemble(family_paths).model_dump(exclude_none=True)
+    raw = served_ensemble_config(family_paths).model_dump(exclude_none=True)
     raw["roles"]["base_small"] = {"model": family_paths["base_small"], "dtype": "bfloat16",
                                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 3},
-                                  "max_ongoing_requests": 8}
+                                  "max_ongoing_requests": 8, "session_idle_s": 300}
     raw["vocab_size"] = 62
     raw["defaults"] = {"eft": {"beta": 1.5}, "sampling": {"temperature": 0.7}, "speculative": {"k": 4}}
     path = tmp_path / "ensemble.yaml"
@@ -238,12 +180,14 @@ def test_config_to_serve_config_parses(family_paths, tmp_path):
     small = apps["eft-base_small"]
     assert small.import_path == "services.app:role_app" and small.route_prefix is None
     assert small.args == {"role": "base_small", "model": family_paths["base_small"], "dtype": "bfloat16",
-                          "max_cached_tokens": 65536, "vocab_size": 62}
+                          "max_cached_tokens": 65536, "vocab_size": 62, "max_batch_size": 8, "batch_wait_timeout_s": 0.002,
+                          "session_idle_s": 300}
     (dep,) = small.deployments
     assert dep.name == "RoleDeployment" and dep.max_ongoing_requests == 8
     assert dep.autoscaling_config["max_replicas"] == 3
     (large,) = apps["eft-base_large"].deployments
     assert large.num_replicas == 1 and large.ray_actor_options.num_cpus == 0.5
+    assert large.ray_actor_options.resources == {"node_a": 1}  # node pinning reaches Serve
 
     from services.app import role_app  # the builder accepts the args it is given
 
@@ -253,13 +197,14 @@ def test_config_to_serve_config_parses(family_paths, tmp_path):
 @pytest.mark.parametrize(
     "change, field",
     [
-        (lambda c: c["roles"]["ft_small"].update(tp_size=2), "roles.ft_small.tp_size"),
+        (lambda c: c["roles"]["ft_small"].update(tp_size=0), "roles.ft_small.tp_size"),
         (lambda c: c.update(replicas=2), "replicas"),
         (lambda c: c["roles"]["base_large"].update(autoscaling_config={"max_replicas": 2}), "num_replicas and autoscaling_config"),
         (lambda c: c.update(drafter="ft_other"), "drafter"),
         (lambda c: c["roles"]["base_small"].update(dtype="float64"), "roles.base_small.dtype"),
         (lambda c: c["roles"]["base_small"].update(num_replicas=0), "roles.base_small.num_replicas"),
         (lambda c: c["roles"]["base_small"].update(max_cached_tokens=0), "roles.base_small.max_cached_tokens"),
+        (lambda c: c["roles"]["base_small"].update(session_idle_s=0), "roles.base_small.session_idle_s"),
         (lambda c: c["roles"]["base_small"]["ray_actor_options"].update(num_cpu=1), "ray_actor_options.num_cpu"),
         (lambda c: c["roles"].update(helper={"model": "x"}), "role 'helper'"),
         (lambda c: c["roles"]["base_large"].update(num_replicas=None, autoscaling_config={"min_replicas": 3, "max_replicas": 2}), "roles.base_large.autoscaling_config"),
@@ -271,7 +216,7 @@ def test_config_to_serve_config_parses(family_paths, tmp_path):
 def test_config_errors_name_the_field(family_paths, change, field):
     from services.config import EnsembleConfig
 
-    raw = ensemble(family_paths).model_dump(exclude_none=True)
+    raw = served_ensemble_config(family_paths).model_dump(exclude_none=True)
     change(raw)
     with pytest.raises(ValidationError) as err:
         EnsembleConfig.model_validate(raw)

@@ -1,0 +1,166 @@
+"""The gRPC router: ``eft.v1.EFTService`` over an :class:`Engine`, with the standard health and
+reflection services, optional TLS and bearer-token authentication, limits and metrics.
+
+The backend (Ray Serve deployments or in-process roles) is whatever the engine's roles are;
+the router only wraps each role to time its calls. Health is NOT_SERVING until every role
+has answered a probe, and is kept current by probing every ``health_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from concurrent.futures import Future
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api import eft_pb2, eft_pb2_grpc
+from .auth import BearerAuthInterceptor
+from .decoder import Engine
+from .messages import RequestDefaults
+from .router_config import RouterConfig
+from .servicer import EFTServicer
+from .telemetry import Metrics, TimedRole
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = eft_pb2.DESCRIPTOR.services_by_name["EFTService"].full_name  # "eft.v1.EFTService"
+HEALTH_PROBE_SESSION = "eft-health-probe"
+
+
+def _credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
+    tls = config.tls
+    if tls is None:
+        return None
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class Router:
+    """One gRPC server. ``start`` binds and serves; ``stop`` drains within the grace period."""
+
+    def __init__(self, engine: Engine, config: RouterConfig = RouterConfig(), defaults: RequestDefaults = RequestDefaults(), backend: str = "local") -> None:
+        self.config = config
+        self.metrics = Metrics()
+        roles = {name: TimedRole(role, self.metrics) for name, role in engine.roles.items()}
+        self.engine = Engine(roles, engine.tokenizer, engine.default_drafter)
+        self.servicer = EFTServicer(
+            self.engine, defaults, self.metrics, backend, config.max_concurrent_requests, config.max_message_bytes
+        )
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task | None = None
+        self._metrics_http = None
+
+    async def start(self) -> int:
+        """Bind, serve, and wait until every role answers (health SERVING); returns the port."""
+        tokens = self.config.tokens()
+        self._server = server = grpc.aio.server(
+            interceptors=[BearerAuthInterceptor(tokens)] if tokens else [],
+            options=[("grpc.max_receive_message_length", self.config.max_message_bytes), ("grpc.so_reuseport", 0)],
+        )
+        eft_pb2_grpc.add_EFTServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = _credentials(self.config)
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        if self.config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_http, _ = start_http_server(self.config.metrics_port, self.config.host, self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        await self._probe_roles(raise_errors=True)
+        self._watch = asyncio.create_task(self._watch_roles())
+        log.info("EFT router serving on %s (port %d, %s)", self.config.host, self.port, "TLS" if credentials else "plaintext")
+        return self.port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _probe_roles(self, raise_errors: bool = False) -> None:
+        """A no-op call (releasing a session that does not exist) through every role."""
+        probes = [role.release(HEALTH_PROBE_SESSION) for role in self.engine.roles.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*probes), self.config.health_interval_s * 6)
+        except Exception:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            if raise_errors:
+                raise
+            log.warning("a role did not answer the health probe", exc_info=True)
+        else:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _watch_roles(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            await self._probe_roles()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new calls, give in-flight ones ``grace_s`` (default: the config's), then
+        cancel them (their sessions are released as they unwind)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+class RouterThread:
+    """A router on its own event loop in a background thread (tests, the demo, notebooks).
+
+    ``make_router`` runs on that loop, so engines whose roles are bound to a loop (Serve
+    handles connected with ``aconnect_serve_roles``) are built where they are used.
+    """
+
+    def __init__(self, make_router: Callable[[], Awaitable[Router]]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=f"eft-router-{uuid.uuid4().hex[:6]}", daemon=True)
+        self._thread.start()
+        try:
+            self.router: Router = self.run(make_router())
+            self.port: int = self.run(self.router.start())
+        except BaseException:
+            self.close(stop_router=False)
+            raise
+
+    def run(self, coro: Awaitable, timeout: float | None = None):
+        """Run ``coro`` on the router's loop and wait for its result."""
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        return future.result(timeout)
+
+    def close(self, grace_s: float | None = None, stop_router: bool = True) -> None:
+        if stop_router:
+            self.run(self.router.stop(grace_s))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+    def __enter__(self) -> "RouterThread":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
