@@ -21,6 +21,8 @@ from .worker import DEFAULT_MAX_CACHED_TOKENS, RoleWorker
 class LocalRole:
     """A :class:`~eft_router.roles.Role` over a :class:`RoleWorker` in this process."""
 
+    inline = True  # calls compute without suspending: the decoder awaits them in turn
+
     def __init__(self, worker: RoleWorker) -> None:
         self.worker = worker
         self.info: RoleInfo = worker.info

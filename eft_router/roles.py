@@ -4,6 +4,10 @@ The in-process backend (:mod:`eft_router.local`) and the Ray Serve backend imple
 the decoder sees nothing else, so both give identical results. Every call carries the
 session id and the *full* token ids: a replica that never saw the session (or evicted it)
 recomputes the prefix, so correctness never depends on routing or cache state.
+
+A role may set ``inline = True`` when its calls compute without ever suspending (the
+in-process backend): the decoder then awaits the roles' calls one after another instead
+of running them as concurrent tasks, which would only add overhead.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ class TimedRole:
     def __init__(self, role: Role, metrics: Metrics) -> None:
         self.role = role
         self.info = role.info
+        self.inline = getattr(role, "inline", False)
         self._timers = {call: metrics.role_latency.labels(role.info.name, call) for call in ("score", "draft", "release")}
 
     async def _timed(self, call: str, result: Awaitable[T]) -> T:

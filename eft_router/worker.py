@@ -140,9 +140,9 @@ class RoleWorker:
         cached = [len(e.tokens) for e in entries]
         past, width = max(cached), max(map(len, new_ids))
         ids = torch.tensor([list(n) + [0] * (width - len(n)) for n in new_ids], dtype=torch.long, device=self.device)
-        positions = torch.tensor([range(c, c + width) for c in cached], dtype=torch.long, device=self.device)
-        mask = None  # all rows aligned: the plain causal mask, as for a single session
+        mask = positions = None  # all rows aligned: the model's own causal mask and positions
         if len(set(cached)) > 1 or any(len(n) < width for n in new_ids):
+            positions = torch.tensor([range(c, c + width) for c in cached], dtype=torch.long, device=self.device)
             mask = torch.tensor(
                 [[0] * (past - c) + [1] * (c + len(n)) + [0] * (width - len(n)) for c, n in zip(cached, new_ids)],
                 dtype=torch.long,
