@@ -234,7 +234,7 @@ def test_bad_requests_are_invalid_argument_naming_the_field(served, request_, fi
         with pytest.raises(grpc.RpcError) as err:
             c.stub.Generate(request_, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-        assert err.value.details().startswith(field) or f"{field}" in err.value.details()
+        assert err.value.details().startswith(f"{field}"), err.value.details()
         with pytest.raises(grpc.RpcError) as err:  # the stream answers the same, before any message
             list(c.stub.GenerateStream(request_, timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
