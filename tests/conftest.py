@@ -136,7 +136,7 @@ def ray_cluster() -> Iterator[Cluster]:
     the clusters other runs start on the same machine. The dir name is short: Ray's unix
     socket paths must stay under 108 bytes.
     """
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 

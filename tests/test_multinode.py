@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
+import ray
 
 from conftest import NODE_RESOURCES, ServedEnsemble, replica_stats
 from eft_router.serve_backend import ServeRole
 from eft_router.spec import SamplingParams, SpeculativeParams
 
-ray = pytest.importorskip("ray")
 
 
 def node_of_resource() -> dict[str, str]:

@@ -73,7 +73,6 @@ def shm_before() -> set[str]:
 def serve_roles(ray_cluster, paths, shm_before):
     """base_large with tp_size 2 as its own application (``eft-tp-base_large``) on the shared
     cluster, deleted after the module."""
-    pytest.importorskip("deepspeed")
     from ray import serve
 
     from eft_router.serve_backend import connect_serve_roles
