@@ -201,9 +201,9 @@ class Engine:
         try:
             while stops.finish_reason is None:
                 k = min(speculative.k, sampling.max_new_tokens - len(stops.token_ids) - 1) if drafter else 0
-                tokens, accepted, rows, target = await self._block(session, ids, plan, drafter, k, sampling, gen)
+                tokens, drafted, accepted, rows, target = await self._block(session, ids, plan, drafter, k, sampling, stop_ids, gen)
                 stats.blocks += 1
-                stats.drafted_tokens += k
+                stats.drafted_tokens += drafted
                 stats.accepted_per_block.append(accepted)
                 chunk = StreamChunk(token_ids=[], text="")
                 for t, token in enumerate(tokens):
@@ -231,28 +231,33 @@ class Engine:
         drafter: str | None,
         k: int,
         sampling: SamplingParams,
+        stop_ids: set[int],
         gen: torch.Generator,
-    ) -> tuple[list[int], int, dict[str, torch.Tensor], torch.Tensor]:
-        """Draft k tokens and verify them: the emitted tokens, how many drafts were accepted,
-        each role's log-prob rows ``[k+1, V]`` and the target distributions ``[k+1, V]``."""
+    ) -> tuple[list[int], int, int, dict[str, torch.Tensor], torch.Tensor]:
+        """Draft up to k tokens (the drafter ends a block at a stop token: nothing after it
+        would be emitted) and verify them: the emitted tokens, how many were drafted and
+        accepted, each role's log-prob rows ``[n+1, V]`` and the target distributions
+        ``[n+1, V]`` for n drafts. The uniforms are drawn for k drafts whatever n is, so a
+        seed gives the same tokens as drafting past the stop would."""
         uniforms = torch.rand(2 * k + 1, generator=gen, dtype=torch.float64).tolist()
         scorers = [r for r in plan.roles if r != drafter]
         if drafter is not None:
-            draft = await self.roles[drafter].draft(session, ids, k, sampling, uniforms[:k])
+            draft = await self.roles[drafter].draft(session, ids, k, sampling, uniforms[:k], stop_ids)
             block, draft_tokens = ids + draft.tokens, draft.tokens
         else:
             block, draft_tokens = ids, []
+        n = len(draft_tokens)
         scores = [self.roles[r].score(session, block, len(ids)) for r in scorers]
         rows = dict(zip(scorers, await _gather(scores, self.concurrent)))
         if drafter is not None:
             rows[drafter] = draft.logprobs
         target = sampling_probs(combine(rows, plan), sampling.temperature, sampling.top_k, sampling.top_p)
         if draft_tokens:
-            q = sampling_probs(rows[drafter][:k], sampling.temperature, sampling.top_k, sampling.top_p)
+            q = sampling_probs(rows[drafter][:n], sampling.temperature, sampling.top_k, sampling.top_p)
         else:
             q = target[:0]
-        outcome = accept_block(target, q, draft_tokens, uniforms[k : 2 * k], uniforms[2 * k])
-        return outcome.tokens, outcome.accepted, rows, target
+        outcome = accept_block(target, q, draft_tokens, uniforms[k : k + n], uniforms[2 * k])
+        return outcome.tokens, n, outcome.accepted, rows, target
 
     def _diagnose(
         self,

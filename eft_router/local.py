@@ -7,7 +7,7 @@ own per-step overhead (which dominates small models) as low as it goes.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -31,9 +31,10 @@ class LocalRole:
         return self.worker.score(session_id, token_ids, start)
 
     async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float]
+        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
+        stop_ids: Collection[int] = (),
     ) -> Draft:
-        return self.worker.draft(session_id, token_ids, k, sampling, uniforms)
+        return self.worker.draft(session_id, token_ids, k, sampling, uniforms, stop_ids)
 
     async def release(self, session_id: str) -> None:
         self.worker.release(session_id)

@@ -13,7 +13,7 @@ of running them as concurrent tasks, which would only add overhead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Collection, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -32,8 +32,9 @@ class RoleInfo:
 
 @dataclass(frozen=True)
 class Draft:
-    """``tokens``: k tokens sampled from the drafter's own sampling distribution;
-    ``logprobs``: its raw log-softmax rows for positions 1..k+1, ``[k+1, V]``."""
+    """``tokens``: up to k tokens sampled from the drafter's own sampling distribution
+    (fewer when one is a stop token); ``logprobs``: its raw log-softmax rows for the
+    positions after each of them and the one before, ``[len(tokens) + 1, V]``."""
 
     tokens: list[int]
     logprobs: torch.Tensor
@@ -49,9 +50,12 @@ class Role(Protocol):
         ...
 
     async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float]
+        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
+        stop_ids: Collection[int] = (),
     ) -> Draft:
-        """Sample k tokens after ``token_ids`` (inverse CDF on ``uniforms``), one per step."""
+        """Sample k tokens after ``token_ids`` (inverse CDF on ``uniforms``), one per step,
+        ending early after a token in ``stop_ids``: nothing after a stop is ever emitted,
+        so drafting past it would only cost forward passes."""
         ...
 
     async def release(self, session_id: str) -> None:

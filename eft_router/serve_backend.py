@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -105,9 +105,10 @@ class ServeRole:
         return await self._call("score", session_id, list(token_ids), start)
 
     async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float]
+        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
+        stop_ids: Collection[int] = (),
     ) -> Draft:
-        return await self._call("draft", session_id, list(token_ids), k, sampling, list(uniforms))
+        return await self._call("draft", session_id, list(token_ids), k, sampling, list(uniforms), sorted(stop_ids))
 
     async def release(self, session_id: str) -> None:
         await self._call("release", session_id)

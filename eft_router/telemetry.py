@@ -7,7 +7,7 @@ collide); ``RouterConfig.metrics_port`` serves it over HTTP for Prometheus to sc
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Sequence, TypeVar
+from typing import Awaitable, Collection, Sequence, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -65,9 +65,10 @@ class TimedRole:
         return await self._timed("score", self.role.score(session_id, token_ids, start))
 
     async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float]
+        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
+        stop_ids: Collection[int] = (),
     ) -> Draft:
-        return await self._timed("draft", self.role.draft(session_id, token_ids, k, sampling, uniforms))
+        return await self._timed("draft", self.role.draft(session_id, token_ids, k, sampling, uniforms, stop_ids))
 
     async def release(self, session_id: str) -> None:
         await self._timed("release", self.role.release(session_id))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -41,6 +41,7 @@ class DraftRequest:
     k: int
     sampling: SamplingParams
     uniforms: Sequence[float]
+    stop_ids: frozenset[int] = frozenset()
 
 
 def _waves(requests: Sequence[ScoreRequest | DraftRequest]) -> list[list[int]]:
@@ -217,7 +218,9 @@ class RoleWorker:
 
     def draft_many(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         """:meth:`draft` for many requests: per wave of distinct sessions, one forward pass
-        per draft step, every session still drafting advancing one token in it."""
+        per draft step, every session still drafting advancing one token in it. A session
+        stops after its k-th token or after a stop token, whose row is still computed (the
+        decoder's target after the stop needs the drafter's row there)."""
         for request in requests:
             self.validate(request)
         results: dict[int, Draft] = {}
@@ -228,7 +231,9 @@ class RoleWorker:
             rows = [[row] for row in self._forward_many(entries, new, [1] * len(batch))]
             tokens: list[list[int]] = [[] for _ in batch]
             for step in range(max(r.k for r in batch)):
-                live = [j for j, r in enumerate(batch) if r.k > step]
+                live = [j for j, r in enumerate(batch) if step < r.k and not (tokens[j] and tokens[j][-1] in r.stop_ids)]
+                if not live:
+                    break
                 for j in live:
                     s = batch[j].sampling
                     probs = sampling_probs(rows[j][-1][0], s.temperature, s.top_k, s.top_p)
@@ -246,10 +251,12 @@ class RoleWorker:
         return self.score_many([ScoreRequest(session_id, token_ids, start)])[0]
 
     def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float]
+        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
+        stop_ids: Collection[int] = (),
     ) -> Draft:
-        """k tokens from the model's own sampling distribution, and its rows 1..k+1."""
-        return self.draft_many([DraftRequest(session_id, token_ids, k, sampling, uniforms)])[0]
+        """Up to k tokens from the model's own sampling distribution (ending after a token in
+        ``stop_ids``), and its rows for the positions after each and the one before."""
+        return self.draft_many([DraftRequest(session_id, token_ids, k, sampling, uniforms, frozenset(stop_ids))])[0]
 
     def release(self, session_id: str) -> None:
         self.caches.release(session_id)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import ray
 import torch
@@ -176,9 +176,10 @@ class RoleDeployment:
         return await self._score_batch(request)
 
     async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float]
+        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
+        stop_ids: Collection[int] = (),
     ) -> Draft:
-        request = DraftRequest(session_id, list(token_ids), k, sampling, list(uniforms))
+        request = DraftRequest(session_id, list(token_ids), k, sampling, list(uniforms), frozenset(stop_ids))
         self.worker.validate(request)
         return await self._draft_batch(request)
 

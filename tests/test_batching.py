@@ -97,6 +97,24 @@ def test_draft_many_equals_draft(family_paths):
         torch.testing.assert_close(got.logprobs, want.logprobs, **CLOSE)
 
 
+def test_draft_many_with_a_session_that_stops_early(family_paths):
+    batched, single = twin_workers(family_paths, "ft_small")
+    greedy = SamplingParams(temperature=0.0)
+    ids = random_ids(6, 7)
+    stop = single.draft("probe", ids, 3, greedy, [0.5] * 3).tokens[1]
+    requests = [
+        DraftRequest("a", ids, 3, greedy, [0.5] * 3, frozenset({stop})),
+        DraftRequest("b", random_ids(9, 8), 3, greedy, [0.5] * 3),
+    ]
+    drafts = batched.draft_many(requests)
+    assert len(drafts[0].tokens) <= 2 and drafts[0].tokens[-1] == stop and len(drafts[1].tokens) == 3
+    assert batched.batches == 1 + len(drafts[0].tokens)  # "a" leaves the batch after its stop
+    for request, got in zip(requests, drafts):
+        want = single.draft(request.session_id, request.token_ids, request.k, request.sampling, request.uniforms, request.stop_ids)
+        assert got.tokens == want.tokens
+        torch.testing.assert_close(got.logprobs, want.logprobs, **CLOSE)
+
+
 def test_a_bad_request_names_its_argument(family_paths):
     worker = RoleWorker("base_small", family_paths["base_small"], V)
     with pytest.raises(ValueError, match="start"):

@@ -115,6 +115,12 @@ def test_draft_equals_in_process(serve_roles, engine):
     asyncio.run(serve_roles["ft_small"].release("unused"))  # unknown sessions are ignored
     assert remote.tokens == local.tokens
     torch.testing.assert_close(remote.logprobs, local.logprobs, atol=1e-6, rtol=0)
+    # stop ids reach the replica: the draft ends after the first stop token
+    stop = local.tokens[1]
+    sid = "d-" + uuid.uuid4().hex
+    stopped = asyncio.run(serve_roles["ft_small"].draft(sid, prompt, 4, sampling, uniforms, {stop}))
+    asyncio.run(serve_roles["ft_small"].release(sid))
+    assert stopped.tokens == local.tokens[: local.tokens.index(stop) + 1]
 
 
 def test_errors_name_the_role(serve_roles, engine):

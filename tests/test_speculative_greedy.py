@@ -1,5 +1,6 @@
 """Greedy speculative EFT is token-for-token greedy plain EFT, whatever the block size,
-cache state or where in a block generation stops."""
+cache state or where in a block generation stops; and a drafter that ends its block at a
+stop token changes no seed's output."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import asyncio
 
 import pytest
 
+from eft_router.decoder import Engine
+from eft_router.local import LocalRole
 from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
 
 PROMPTS = ["w1 w2 w3", "w7", "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "w30 w31 w30 w31"]
@@ -72,6 +75,34 @@ def test_stop_token_in_the_middle_of_a_block(engine):
         out = run(engine, PROMPTS[0], sampling=sampling, k=k)
         assert out.token_ids == expected, f"k={k}"
         assert out.finish_reason == "stop"
+
+
+class DraftsPastStops(LocalRole):
+    """The drafter as it was before drafts ended at stop tokens: always k drafts."""
+
+    async def draft(self, session_id, token_ids, k, sampling, uniforms, stop_ids=()):
+        return self.worker.draft(session_id, token_ids, k, sampling, uniforms)
+
+
+def test_drafts_end_at_a_stop_token_and_the_output_is_the_same(engine):
+    """Drafting past a stop is wasted work: nothing after the stop is emitted, and the
+    uniforms are drawn for k drafts either way, so every seed gives the same tokens."""
+    past = Engine({**engine.roles, "ft_small": DraftsPastStops(engine.roles["ft_small"].worker)}, engine.tokenizer)
+    common = run(engine, PROMPTS[1], SamplingParams(temperature=1.0, max_new_tokens=30, seed=0)).token_ids
+    stop = max(set(common), key=common.count)  # a token these models sample often
+    drafted = {}
+    for name, eng in (("early", engine), ("past", past)):
+        outs = [
+            run(eng, PROMPTS[1], SamplingParams(temperature=1.0, max_new_tokens=30, seed=s, stop_token_ids=(stop,)), k=6)
+            for s in range(12)
+        ]
+        drafted[name] = sum(o.stats.drafted_tokens for o in outs)
+        if name == "early":
+            early = [o.token_ids for o in outs]
+            assert sum(o.finish_reason == "stop" for o in outs) >= 6
+        else:
+            assert [o.token_ids for o in outs] == early
+    assert drafted["early"] < drafted["past"]
 
 
 def test_stop_string_and_max_tokens_in_the_middle_of_a_block(engine):

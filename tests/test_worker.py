@@ -91,6 +91,18 @@ def test_draft_returns_its_own_rows(family_paths):
     assert w.caches.tokens_of("d") == full
 
 
+def test_draft_ends_after_a_stop_token(family_paths):
+    w = RoleWorker("ft_small", family_paths["ft_small"], V)
+    ids, greedy = [3, 4, 5], SamplingParams(temperature=0.0)
+    full = w.draft("full", ids, 6, greedy, [0.5] * 6)
+    stop = full.tokens[2]
+    first = full.tokens.index(stop)
+    d = w.draft("stopped", ids, 6, greedy, [0.5] * 6, stop_ids={stop, V - 1})
+    assert d.tokens == full.tokens[: first + 1]  # the stop token itself, then nothing
+    torch.testing.assert_close(d.logprobs, full.logprobs[: first + 2])  # its row after the stop too
+    assert w.caches.tokens_of("stopped") == ids + d.tokens
+
+
 @pytest.mark.parametrize(
     "ids,start,message",
     [([], 1, "start"), ([3, 4], 0, "start"), ([3, 4], 3, "start"), ([3] * 600, 600, "context length")],
