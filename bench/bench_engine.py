@@ -68,7 +68,7 @@ def family_prompts(engine: Engine, n: int = 4) -> list[list[int]]:
 
 
 async def run_config(
-    engine: Engine, prompts: list[list[int]], eft: EFTSpec, k: int, sampling: SamplingParams, seed: int
+    engine: Engine, prompts: list[list[int]], eft: EFTSpec, speculative: SpeculativeParams, sampling: SamplingParams, seed: int
 ) -> tuple[float, int, int, int, int, float]:
     """(seconds, generated tokens, blocks, drafted, accepted, seconds inside model forwards)
     over all prompts."""
@@ -77,7 +77,7 @@ async def run_config(
     total = [0.0, 0, 0, 0, 0, 0.0]
     for i, ids in enumerate(prompts):
         t = time.perf_counter()
-        g = await engine.generate(ids, eft=eft, sampling=replace(sampling, seed=seed + i), speculative=SpeculativeParams(k=k))
+        g = await engine.generate(ids, eft=eft, sampling=replace(sampling, seed=seed + i), speculative=speculative)
         total[0] += time.perf_counter() - t
         total[1] += len(g.token_ids)
         total[2] += g.stats.blocks
@@ -136,6 +136,7 @@ def main() -> None:
         help="generate exactly --tokens tokens (default: on for random models, whose EOS means nothing; "
         "off for the embedded family, whose answers end at EOS as a user gets them)",
     )
+    parser.add_argument("--confidence", type=float, default=0.0, help="speculative.confidence of the speculative rows")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-k", type=int, default=8)
     args = parser.parse_args()
@@ -152,22 +153,23 @@ def main() -> None:
 
     ks = range(1, args.max_k + 1)
     configs = {
-        "ft_small alone": (EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), 0),
-        "base_large alone": (EFTSpec(preset="linear", coefficients={"base_large": 1.0}), 0),
-        "plain EFT": (EFTSpec(), 0),
-        **{f"speculative EFT k={k}": (EFTSpec(), k) for k in ks},
-        **{f"perfect drafter k={k}": (PERFECT_DRAFTER, k) for k in ks},
+        "ft_small alone": (EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), SpeculativeParams()),
+        "base_large alone": (EFTSpec(preset="linear", coefficients={"base_large": 1.0}), SpeculativeParams()),
+        "plain EFT": (EFTSpec(), SpeculativeParams()),
+        **{f"speculative EFT k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence)) for k in ks},
+        **{f"perfect drafter k={k}": (PERFECT_DRAFTER, SpeculativeParams(k=k)) for k in ks},
     }
-    asyncio.run(run_config(engine, prompts, EFTSpec(), 2, replace(sampling, max_new_tokens=8), 0))  # warm-up
+    warm_up = replace(sampling, max_new_tokens=8)
+    asyncio.run(run_config(engine, prompts, EFTSpec(), SpeculativeParams(k=2), warm_up, 0))
     samples: dict[str, list[tuple]] = {name: [] for name in configs}
     for r in range(args.rounds):
-        for name, (eft, k) in configs.items():
-            samples[name].append(asyncio.run(run_config(engine, prompts, eft, k, sampling, seed=1000 * r)))
+        for name, (eft, speculative) in configs.items():
+            samples[name].append(asyncio.run(run_config(engine, prompts, eft, speculative, sampling, seed=1000 * r)))
     steps = {role: step_time(engine, role) for role in ("base_large", "base_small", "ft_small")}
 
     tps = {name: statistics.median(s[1] / s[0] for s in runs) for name, runs in samples.items()}
     generated = sum(s[1] for s in samples["plain EFT"])
-    print(f"{len(prompts)} prompts x {args.rounds} rounds, temperature {args.temperature}, "
+    print(f"{len(prompts)} prompts x {args.rounds} rounds, temperature {args.temperature}, draft confidence {args.confidence}, "
           + (f"{args.tokens} tokens each (EOS ignored)" if ignore_eos else
              f"up to {args.tokens} tokens, stopping at EOS (plain EFT: {generated / len(prompts) / args.rounds:.1f} tokens per answer)"))
     print("cached decode step (median): " + ", ".join(f"{r} {t * 1e3:.2f} ms" for r, t in steps.items()))

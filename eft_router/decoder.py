@@ -201,7 +201,9 @@ class Engine:
         try:
             while stops.finish_reason is None:
                 k = min(speculative.k, sampling.max_new_tokens - len(stops.token_ids) - 1) if drafter else 0
-                tokens, drafted, accepted, rows, target = await self._block(session, ids, plan, drafter, k, sampling, stop_ids, gen)
+                tokens, drafted, accepted, rows, target = await self._block(
+                    session, ids, plan, drafter, k, speculative.confidence, sampling, stop_ids, gen
+                )
                 stats.blocks += 1
                 stats.drafted_tokens += drafted
                 stats.accepted_per_block.append(accepted)
@@ -230,19 +232,21 @@ class Engine:
         plan: CombinationPlan,
         drafter: str | None,
         k: int,
+        confidence: float,
         sampling: SamplingParams,
         stop_ids: set[int],
         gen: torch.Generator,
     ) -> tuple[list[int], int, int, dict[str, torch.Tensor], torch.Tensor]:
-        """Draft up to k tokens (the drafter ends a block at a stop token: nothing after it
-        would be emitted) and verify them: the emitted tokens, how many were drafted and
+        """Draft up to k tokens (the drafter ends a block at a stop token, since nothing after
+        it would be emitted, and before a token it is less than ``confidence`` sure of) and
+        verify them: the emitted tokens, how many were drafted and
         accepted, each role's log-prob rows ``[n+1, V]`` and the target distributions
         ``[n+1, V]`` for n drafts. The uniforms are drawn for k drafts whatever n is, so a
         seed gives the same tokens as drafting past the stop would."""
         uniforms = torch.rand(2 * k + 1, generator=gen, dtype=torch.float64).tolist()
         scorers = [r for r in plan.roles if r != drafter]
         if drafter is not None:
-            draft = await self.roles[drafter].draft(session, ids, k, sampling, uniforms[:k], stop_ids)
+            draft = await self.roles[drafter].draft(session, ids, k, sampling, uniforms[:k], stop_ids, confidence)
             block, draft_tokens = ids + draft.tokens, draft.tokens
         else:
             block, draft_tokens = ids, []

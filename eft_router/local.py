@@ -32,9 +32,9 @@ class LocalRole:
 
     async def draft(
         self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (),
+        stop_ids: Collection[int] = (), confidence: float = 0.0,
     ) -> Draft:
-        return self.worker.draft(session_id, token_ids, k, sampling, uniforms, stop_ids)
+        return self.worker.draft(session_id, token_ids, k, sampling, uniforms, stop_ids, confidence)
 
     async def release(self, session_id: str) -> None:
         self.worker.release(session_id)

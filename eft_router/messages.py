@@ -136,6 +136,8 @@ def speculative_params(msg: pb.SpeculativeParams, default: SpeculativeParams) ->
         changes["k"] = msg.k
     if msg.drafter:
         changes["drafter"] = msg.drafter
+    if msg.HasField("confidence"):
+        changes["confidence"] = msg.confidence
     return replace(default, **changes) if changes else default
 
 
@@ -194,6 +196,7 @@ def generate_request(
     ignore_eos: bool = False,
     k: int | None = None,
     drafter: str = "",
+    draft_confidence: float | None = None,
     diagnostics: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; arguments left None take the server's defaults."""
@@ -204,7 +207,7 @@ def generate_request(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens,
             stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
         ),
-        speculative=pb.SpeculativeParams(k=k, drafter=drafter),
+        speculative=pb.SpeculativeParams(k=k, drafter=drafter, confidence=draft_confidence),
         diagnostics=diagnostics,
     )
 

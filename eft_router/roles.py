@@ -51,11 +51,12 @@ class Role(Protocol):
 
     async def draft(
         self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (),
+        stop_ids: Collection[int] = (), confidence: float = 0.0,
     ) -> Draft:
         """Sample k tokens after ``token_ids`` (inverse CDF on ``uniforms``), one per step,
-        ending early after a token in ``stop_ids``: nothing after a stop is ever emitted,
-        so drafting past it would only cost forward passes."""
+        ending early after a token in ``stop_ids`` (nothing after a stop is ever emitted,
+        so drafting past it would only cost forward passes) and before a position whose
+        most likely token has probability below ``confidence``."""
         ...
 
     async def release(self, session_id: str) -> None:

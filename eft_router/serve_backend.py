@@ -106,9 +106,9 @@ class ServeRole:
 
     async def draft(
         self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (),
+        stop_ids: Collection[int] = (), confidence: float = 0.0,
     ) -> Draft:
-        return await self._call("draft", session_id, list(token_ids), k, sampling, list(uniforms), sorted(stop_ids))
+        return await self._call("draft", session_id, list(token_ids), k, sampling, list(uniforms), sorted(stop_ids), confidence)
 
     async def release(self, session_id: str) -> None:
         await self._call("release", session_id)

@@ -165,6 +165,8 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
                     max_tokens=d.sampling.max_new_tokens, stop=list(d.sampling.stop),
                     stop_token_ids=list(d.sampling.stop_token_ids), ignore_eos=d.sampling.ignore_eos,
                 ),
-                default_speculative=pb.SpeculativeParams(k=d.speculative.k, drafter=d.speculative.drafter or ""),
+                default_speculative=pb.SpeculativeParams(
+                    k=d.speculative.k, drafter=d.speculative.drafter or "", confidence=d.speculative.confidence
+                ),
                 chat_template=self.engine.tokenizer.chat_template is not None,
             )

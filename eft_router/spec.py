@@ -236,12 +236,22 @@ class SamplingParams:
 @dataclass(frozen=True)
 class SpeculativeParams:
     """``k`` draft tokens per block (0 turns speculation off); ``drafter`` None uses the
-    engine's default drafter (``ft_small``)."""
+    engine's default drafter (``ft_small``).
+
+    ``confidence`` > 0 ends a block's drafting early, before a position where the drafter's
+    own (temperature 1) probability of its most likely token is below it: a drafter that
+    does not know the next token (a fact the large model knows) would mostly be rejected
+    there, and the target samples that position itself. The choice depends only on the
+    drafter's view of the prefix, so the output stays exactly EFT-distributed; whether it
+    pays depends on how well the drafter's confidence tracks its acceptance."""
 
     k: int = 0
     drafter: str | None = None
+    confidence: float = 0.0
 
     def __post_init__(self) -> None:
         _int("speculative.k", self.k, 0, MAX_SPECULATIVE_K)
+        if not 0.0 <= _finite("speculative.confidence", self.confidence) <= 1.0:
+            raise SpecError("speculative.confidence", f"must be in [0, 1], got {self.confidence}")
         if self.drafter is not None and (not isinstance(self.drafter, str) or not self.drafter):
             raise SpecError("speculative.drafter", f"must be a role name, got {self.drafter!r}")

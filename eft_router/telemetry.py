@@ -66,9 +66,9 @@ class TimedRole:
 
     async def draft(
         self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (),
+        stop_ids: Collection[int] = (), confidence: float = 0.0,
     ) -> Draft:
-        return await self._timed("draft", self.role.draft(session_id, token_ids, k, sampling, uniforms, stop_ids))
+        return await self._timed("draft", self.role.draft(session_id, token_ids, k, sampling, uniforms, stop_ids, confidence))
 
     async def release(self, session_id: str) -> None:
         await self._timed("release", self.role.release(session_id))

@@ -7,6 +7,7 @@ owns concurrency; a worker only turns token ids into log-probs as cheaply as the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
@@ -42,6 +43,7 @@ class DraftRequest:
     sampling: SamplingParams
     uniforms: Sequence[float]
     stop_ids: frozenset[int] = frozenset()
+    confidence: float = 0.0
 
 
 def _waves(requests: Sequence[ScoreRequest | DraftRequest]) -> list[list[int]]:
@@ -183,6 +185,8 @@ class RoleWorker:
         if isinstance(request, DraftRequest):
             if len(request.uniforms) < request.k:
                 raise ValueError(f"uniforms: need {request.k}, got {len(request.uniforms)}")
+            if not 0.0 <= request.confidence <= 1.0:
+                raise ValueError(f"confidence: must be in [0, 1], got {request.confidence}")
             start, extra = len(ids), request.k
         else:
             start, extra = request.start, 0
@@ -219,8 +223,9 @@ class RoleWorker:
     def draft_many(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         """:meth:`draft` for many requests: per wave of distinct sessions, one forward pass
         per draft step, every session still drafting advancing one token in it. A session
-        stops after its k-th token or after a stop token, whose row is still computed (the
-        decoder's target after the stop needs the drafter's row there)."""
+        stops after its k-th token, after a stop token (whose row is still computed: the
+        decoder's target after the stop needs the drafter's row there), or before a token
+        whose most likely value has a probability below the request's ``confidence``."""
         for request in requests:
             self.validate(request)
         results: dict[int, Draft] = {}
@@ -230,8 +235,15 @@ class RoleWorker:
             new = [r.token_ids[len(e.tokens) :] for r, e in zip(batch, entries)]
             rows = [[row] for row in self._forward_many(entries, new, [1] * len(batch))]
             tokens: list[list[int]] = [[] for _ in batch]
+            floors = [math.log(r.confidence) if r.confidence > 0 else -math.inf for r in batch]
             for step in range(max(r.k for r in batch)):
-                live = [j for j, r in enumerate(batch) if step < r.k and not (tokens[j] and tokens[j][-1] in r.stop_ids)]
+                live = [
+                    j
+                    for j, r in enumerate(batch)
+                    if step < r.k
+                    and not (tokens[j] and tokens[j][-1] in r.stop_ids)
+                    and float(rows[j][-1][0].max()) >= floors[j]
+                ]
                 if not live:
                     break
                 for j in live:
@@ -252,11 +264,12 @@ class RoleWorker:
 
     def draft(
         self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (),
+        stop_ids: Collection[int] = (), confidence: float = 0.0,
     ) -> Draft:
         """Up to k tokens from the model's own sampling distribution (ending after a token in
-        ``stop_ids``), and its rows for the positions after each and the one before."""
-        return self.draft_many([DraftRequest(session_id, token_ids, k, sampling, uniforms, frozenset(stop_ids))])[0]
+        ``stop_ids`` or before one it is less than ``confidence`` sure of), and its rows for
+        the positions after each and the one before."""
+        return self.draft_many([DraftRequest(session_id, token_ids, k, sampling, uniforms, frozenset(stop_ids), confidence)])[0]
 
     def release(self, session_id: str) -> None:
         self.caches.release(session_id)

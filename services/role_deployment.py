@@ -177,9 +177,9 @@ class RoleDeployment:
 
     async def draft(
         self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (),
+        stop_ids: Collection[int] = (), confidence: float = 0.0,
     ) -> Draft:
-        request = DraftRequest(session_id, list(token_ids), k, sampling, list(uniforms), frozenset(stop_ids))
+        request = DraftRequest(session_id, list(token_ids), k, sampling, list(uniforms), frozenset(stop_ids), confidence)
         self.worker.validate(request)
         return await self._draft_batch(request)
 

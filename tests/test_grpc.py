@@ -121,6 +121,12 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(client, engine):
     ids = engine.tokenizer("w1 w2")["input_ids"]
     g = asyncio.run(engine.generate(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=SpeculativeParams(k=2)))
     assert list(reply.token_ids) == g.token_ids and reply.stats.seed == 7
+    # the draft confidence reaches the engine: the engine's tokens, with fewer drafts
+    unsure = client.generate("w1 w2", temperature=1.0, seed=7, max_tokens=12, k=2, draft_confidence=0.2)
+    speculative = SpeculativeParams(k=2, confidence=0.2)
+    g = asyncio.run(engine.generate(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative))
+    assert list(unsure.token_ids) == g.token_ids and unsure.stats.drafted_tokens == g.stats.drafted_tokens
+    assert unsure.stats.drafted_tokens < reply.stats.drafted_tokens
 
 
 def test_score_equals_the_engine(client, engine):
@@ -225,6 +231,7 @@ BAD_REQUESTS = [
     (_request(speculative={"k": 33}), "speculative.k"),
     (_request(speculative={"k": -1}), "speculative.k"),
     (_request(speculative={"k": 2, "drafter": "ft_nobody"}), "speculative.drafter"),
+    (_request(speculative={"k": 2, "confidence": 1.5}), "speculative.confidence"),
 ]
 
 

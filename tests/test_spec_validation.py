@@ -98,6 +98,16 @@ CASES = {
         "speculative.k",
         [f"[0, {MAX_SPECULATIVE_K}]"],
     ),
+    "speculative_confidence_1.5": (
+        lambda e: gen(e, speculative=lambda: SpeculativeParams(k=2, confidence=1.5)),
+        "speculative.confidence",
+        ["[0, 1]"],
+    ),
+    "speculative_confidence_nan": (
+        lambda e: gen(e, speculative=lambda: SpeculativeParams(k=2, confidence=float("nan"))),
+        "speculative.confidence",
+        ["finite"],
+    ),
     "max_new_tokens_0": (
         lambda e: gen(e, sampling=lambda: SamplingParams(max_new_tokens=0)),
         "sampling.max_new_tokens",

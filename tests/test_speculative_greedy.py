@@ -21,9 +21,10 @@ SPECS = {
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
 
 
-def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), **kwargs):
+def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, **kwargs):
     ids = prompt if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
-    return asyncio.run(engine.generate(ids, eft=eft, sampling=sampling, speculative=SpeculativeParams(k=k), **kwargs))
+    speculative = SpeculativeParams(k=k, confidence=confidence)
+    return asyncio.run(engine.generate(ids, eft=eft, sampling=sampling, speculative=speculative, **kwargs))
 
 
 @pytest.mark.parametrize("spec", list(SPECS), ids=list(SPECS))
@@ -31,18 +32,21 @@ def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), **kwargs):
 def test_greedy_speculative_equals_plain(engine, prompt, spec):
     plain = run(engine, prompt, eft=SPECS[spec])
     assert plain.stats.blocks == len(plain.token_ids)  # plain: one token per step
-    for k in (1, 2, 4, 8):
-        fast = run(engine, prompt, k=k, eft=SPECS[spec])
-        assert fast.token_ids == plain.token_ids, f"k={k}"
+    for k, confidence in [(1, 0.0), (2, 0.0), (4, 0.0), (8, 0.0), (4, 0.2), (8, 0.3)]:
+        fast = run(engine, prompt, k=k, eft=SPECS[spec], confidence=confidence)
+        assert fast.token_ids == plain.token_ids, f"k={k}, confidence={confidence}"
         assert fast.text == plain.text and fast.finish_reason == plain.finish_reason
         assert fast.stats.blocks <= plain.stats.blocks
 
 
 def test_speculation_accepts_and_rejects(engine):
-    """The test models must exercise both acceptance and rejection, or the equality above
-    would prove little."""
+    """The test models must exercise both acceptance and rejection, and confidence must end
+    some drafts early but not all, or the equality above would prove little."""
     stats = [run(engine, p, k=4).stats for p in PROMPTS]
     assert sum(s.accepted_tokens for s in stats) > 0
+    for confidence in (0.2, 0.3):
+        unsure = [run(engine, p, k=4, confidence=confidence).stats for p in PROMPTS]
+        assert 0 < sum(s.drafted_tokens for s in unsure) < 4 * sum(s.blocks for s in unsure), confidence
     assert sum(s.drafted_tokens - s.accepted_tokens for s in stats) > 0
 
 
@@ -80,8 +84,8 @@ def test_stop_token_in_the_middle_of_a_block(engine):
 class DraftsPastStops(LocalRole):
     """The drafter as it was before drafts ended at stop tokens: always k drafts."""
 
-    async def draft(self, session_id, token_ids, k, sampling, uniforms, stop_ids=()):
-        return self.worker.draft(session_id, token_ids, k, sampling, uniforms)
+    async def draft(self, session_id, token_ids, k, sampling, uniforms, stop_ids=(), confidence=0.0):
+        return self.worker.draft(session_id, token_ids, k, sampling, uniforms, (), confidence)
 
 
 def test_drafts_end_at_a_stop_token_and_the_output_is_the_same(engine):

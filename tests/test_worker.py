@@ -103,6 +103,18 @@ def test_draft_ends_after_a_stop_token(family_paths):
     assert w.caches.tokens_of("stopped") == ids + d.tokens
 
 
+def test_draft_ends_before_a_token_it_is_unsure_of(family_paths):
+    w = RoleWorker("ft_small", family_paths["ft_small"], V)
+    ids, greedy = [9, 4, 17], SamplingParams(temperature=0.0)
+    full = w.draft("full", ids, 6, greedy, [0.5] * 6)
+    sure = full.logprobs[:6].exp().max(dim=-1).values  # the drafter's top probability per position
+    unsure = int(sure.argmin())
+    d = w.draft("unsure", ids, 6, greedy, [0.5] * 6, confidence=float(sure[unsure]) + 1e-6)
+    assert d.tokens == full.tokens[:unsure]  # every position before it is surer
+    torch.testing.assert_close(d.logprobs, full.logprobs[: unsure + 1])
+    assert w.draft("any", ids, 6, greedy, [0.5] * 6, confidence=float(sure.min()) - 1e-6).tokens == full.tokens
+
+
 @pytest.mark.parametrize(
     "ids,start,message",
     [([], 1, "start"), ([3, 4], 0, "start"), ([3, 4], 3, "start"), ([3] * 600, 600, "context length")],
