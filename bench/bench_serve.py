@@ -49,7 +49,7 @@ import contextvars
 import statistics
 import tempfile
 import time
-from typing import Any, Awaitable, Collection, Sequence, TypeVar
+from typing import Any, Awaitable, Sequence, TypeVar
 
 import torch
 
@@ -82,9 +82,8 @@ class BlockTimedRole:
     async def score(self, session_id: str, token_ids: Sequence[int], start: int) -> torch.Tensor:
         return await self._timed("score", self.role.score(session_id, token_ids, start))
 
-    async def draft(self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-                    stop_ids: Collection[int] = ()):
-        return await self._timed("draft", self.role.draft(session_id, token_ids, k, sampling, uniforms, stop_ids))
+    async def draft(self, *args: Any) -> Any:
+        return await self._timed("draft", self.role.draft(*args))
 
     async def release(self, session_id: str) -> None:
         await self.role.release(session_id)
