@@ -95,3 +95,14 @@ def test_eval_report_has_every_section(mini_family, cache, tmp_path, monkeypatch
         assert heading in report
     for png in ("frontier.png", "tv_distance.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cache_key_follows_the_training_data(monkeypatch):
+    """A family is found in the cache by its key: a change to the texts it is trained on
+    must change the key, or an upgraded project would load models of the old data."""
+    import eft_router.family.world as world
+
+    before = MINIATURE.digest()
+    assert MINIATURE.digest() == before and replace(MINIATURE, seed=1).digest() != before
+    monkeypatch.setattr(world, "REFUSAL", "No.")  # only the preference pairs' text changes
+    assert MINIATURE.digest() != before

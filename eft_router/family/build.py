@@ -7,7 +7,7 @@ then DPO) to refuse the harmful category.
 The small chain and the large chain train in two processes, one core each.
 
 The family is cached under ``$EFT_CACHE_DIR`` (default ``~/.cache/eft-router``) in a folder
-keyed by the family version and a digest of the config. A build writes into a hidden
+keyed by the family version and a digest of the config and the training data. A build writes into a hidden
 temporary folder and renames it into place only when complete (``manifest.json`` written
 last), so an interrupted build never leaves a family that later loads.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .probes import decode_step_seconds, fact_accuracy
-from .tokenizer import train_tokenizer
+from .tokenizer import CHAT_TEMPLATE, train_tokenizer
 from .train import Schedule, Shape, dpo, new_model, pretrain, sft
 from .world import build_world, eval_prompts, preference_pairs, pretraining_corpus, sft_examples
 
@@ -53,7 +53,12 @@ class FamilyConfig:
     dpo_beta: float = 0.1
 
     def digest(self) -> str:
-        blob = json.dumps({"version": FAMILY_VERSION, **asdict(self)}, sort_keys=True)
+        """The cache key: the config, the family version, and the data and chat template
+        themselves (about 0.1 s), so that a change to the world's texts never loads a family
+        trained on the old ones. Training code changes still need a FAMILY_VERSION bump."""
+        world, lines = _data(self)
+        data = [lines, sft_examples(world, seed=self.seed), preference_pairs(world, seed=self.seed), CHAT_TEMPLATE]
+        blob = json.dumps({"version": FAMILY_VERSION, "data": data, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
