@@ -239,10 +239,10 @@ class Engine:
     ) -> tuple[list[int], int, int, dict[str, torch.Tensor], torch.Tensor]:
         """Draft up to k tokens (the drafter ends a block at a stop token, since nothing after
         it would be emitted, and before a token it is less than ``confidence`` sure of) and
-        verify them: the emitted tokens, how many were drafted and
-        accepted, each role's log-prob rows ``[n+1, V]`` and the target distributions
-        ``[n+1, V]`` for n drafts. The uniforms are drawn for k drafts whatever n is, so a
-        seed gives the same tokens as drafting past the stop would."""
+        verify them: the emitted tokens, how many were drafted and accepted, each role's
+        log-prob rows ``[n+1, V]`` and the target distributions ``[n+1, V]`` for n drafts.
+        The uniforms are drawn for k drafts whatever n is, so a seed gives the same tokens
+        as drafting past the stop would."""
         uniforms = torch.rand(2 * k + 1, generator=gen, dtype=torch.float64).tolist()
         scorers = [r for r in plan.roles if r != drafter]
         if drafter is not None:

@@ -235,14 +235,14 @@ class RoleWorker:
             new = [r.token_ids[len(e.tokens) :] for r, e in zip(batch, entries)]
             rows = [[row] for row in self._forward_many(entries, new, [1] * len(batch))]
             tokens: list[list[int]] = [[] for _ in batch]
-            floors = [math.log(r.confidence) if r.confidence > 0 else -math.inf for r in batch]
+            floors = [math.log(r.confidence) if r.confidence > 0 else None for r in batch]
             for step in range(max(r.k for r in batch)):
                 live = [
                     j
                     for j, r in enumerate(batch)
                     if step < r.k
                     and not (tokens[j] and tokens[j][-1] in r.stop_ids)
-                    and float(rows[j][-1][0].max()) >= floors[j]
+                    and (floors[j] is None or float(rows[j][-1][0].max()) >= floors[j])
                 ]
                 if not live:
                     break

@@ -4,6 +4,7 @@ is: every row, and the perfect-drafter rows' defining property, acceptance exact
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -24,3 +25,11 @@ def test_bench_engine_prints_every_row_and_a_perfect_drafter_is_never_rejected(f
     assert all(0.0 <= float(rows[f"speculative EFT k={k}"]) <= 1.0 for k in (1, 2)), out
     assert re.search(r"best perfect drafter k=\d: [\d.]+x plain EFT", out), out
     assert re.search(r"plain EFT [\d.]+ tok/s vs bound .* [\d]+% of the bound", out), out
+
+
+def test_the_perfect_drafter_calls_every_role():
+    """Its rows are a ceiling only if they pay for the same role calls as speculative EFT."""
+    spec = importlib.util.spec_from_file_location("bench_engine", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert set(bench.PERFECT_DRAFTER.resolve(list(bench.ROLES)).roles) == set(bench.ROLES)

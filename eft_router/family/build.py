@@ -7,9 +7,10 @@ then DPO) to refuse the harmful category.
 The small chain and the large chain train in two processes, one core each.
 
 The family is cached under ``$EFT_CACHE_DIR`` (default ``~/.cache/eft-router``) in a folder
-keyed by the family version and a digest of the config and the training data. A build writes into a hidden
-temporary folder and renames it into place only when complete (``manifest.json`` written
-last), so an interrupted build never leaves a family that later loads.
+keyed by the family version and a digest of the config and the training data. A build
+writes into a hidden temporary folder and renames it into place only when complete
+(``manifest.json`` written last), so an interrupted build never leaves a family that later
+loads.
 """
 
 from __future__ import annotations
