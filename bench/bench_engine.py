@@ -30,8 +30,9 @@ from dataclasses import replace
 
 import torch
 
-from eft_router.decoder import Engine
-from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
+from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
+from eft_router.engine import Engine, GenerationRequest
+from eft_router.roles.interface import ScoreItem
 from eft_router.tiny import TinyModel, build_tiny_family
 
 SYNTHETIC = {
@@ -43,18 +44,18 @@ SYNTHETIC_PROMPTS = ["w1 w2 w3", "w10 w11", "w5 w9 w13 w17", "w40"]
 
 
 def step_time(engine: Engine, role: str, repeats: int = 60) -> float:
-    """Median seconds of one cached single-token decode step of ``role``."""
+    """Median seconds of one cached single-token decode step of ``role`` (each step rolls the
+    last token back: the next call's last token differs)."""
     worker = engine.roles[role].worker
     ids = list(range(2, 34))
-    worker.score("step", ids, len(ids))
+    worker.score([ScoreItem("step", ids, 1)])
     times = []
     for i in range(repeats):
         seq = ids + [2 + i % 50]
         t = time.perf_counter()
-        worker.score("step", seq, len(seq))
+        worker.score([ScoreItem("step", seq, 1)])
         times.append(time.perf_counter() - t)
-        worker.caches.acquire("step", ids)  # crop back: every step is a one-token extension
-    worker.release("step")
+    worker.release(["step"])
     return statistics.median(times)
 
 
@@ -77,7 +78,7 @@ async def run_config(
     total = [0.0, 0, 0, 0, 0, 0.0]
     for i, ids in enumerate(prompts):
         t = time.perf_counter()
-        g = await engine.generate(ids, eft=eft, sampling=replace(sampling, seed=seed + i), speculative=speculative)
+        g = await engine.generate(GenerationRequest(ids, eft=eft, sampling=replace(sampling, seed=seed + i), speculative=speculative))
         total[0] += time.perf_counter() - t
         total[1] += len(g.token_ids)
         total[2] += g.stats.blocks

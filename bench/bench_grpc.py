@@ -19,11 +19,11 @@ import time
 import torch
 
 from bench_engine import bench_models, bench_prompts, concurrency_parser
-from eft_router.client import AsyncEFTClient
-from eft_router.decoder import Engine
-from eft_router.router_config import RouterConfig
-from eft_router.server import Router, RouterThread
-from eft_router.spec import SamplingParams, SpeculativeParams
+from eft_router.server.client import AsyncEFTClient
+from eft_router.engine import Engine
+from eft_router.server.config import RouterConfig
+from eft_router.server.grpc_server import Router, RouterThread
+from eft_router.core.spec import SamplingParams, SpeculativeParams
 
 
 async def run_engine(engine: Engine, prompts: list[list[int]], k: int, max_tokens: int) -> tuple[int, list[float]]:

@@ -54,10 +54,10 @@ from typing import Any, Awaitable, Sequence, TypeVar
 import torch
 
 from bench_engine import ROLES, bench_models, bench_prompts, concurrency_parser
-from eft_router import decoder
-from eft_router.decoder import Engine
-from eft_router.serve_backend import aconnect_serve_roles, block_bytes
-from eft_router.spec import SamplingParams, SpeculativeParams
+from eft_router.engine import engine as decoder
+from eft_router.engine import Engine
+from eft_router.roles.serve import aconnect_serve_roles, block_bytes
+from eft_router.core.spec import SamplingParams, SpeculativeParams
 
 T = TypeVar("T")
 _BLOCK: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bench_block", default=None)

@@ -34,9 +34,9 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from .client import EFTClient
-from .messages import finish_reason_name
-from .spec import PRESETS
+from .core.spec import PRESETS
+from .server.client import EFTClient
+from .server.messages import finish_reason_name
 
 
 def _pairs(items: list[str], what: str, cast=str) -> dict:
@@ -85,14 +85,14 @@ def _client(args: argparse.Namespace, stack: ExitStack) -> EFTClient:
     """A client of the router named by the arguments, or of one started here on ``--model``s."""
     target = args.target
     if args.model:
-        from .decoder import Engine
-        from .router_config import RouterConfig
-        from .server import Router, RouterThread
+        from .roles.local import load_local_roles
+        from .server.config import RouterConfig
+        from .server.grpc_server import Router, RouterThread
 
         models = _pairs(args.model, "--model")
 
         async def make() -> Router:
-            return Router(Engine.local(models), RouterConfig(port=0))
+            return Router(*load_local_roles(models), RouterConfig(port=0))
 
         router = stack.enter_context(RouterThread(make))
         target = f"localhost:{router.port}"

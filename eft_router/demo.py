@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .client import EFTClient
-from .messages import Prompt
+from .server.client import EFTClient
+from .server.messages import Prompt
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS
+from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES
 
-from .config import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, ROLE_NAME, Dtype, EnsembleConfig
+from .config import ROLE_NAME, Dtype, EnsembleConfig
 from .role_deployment import RoleDeployment
 
 
@@ -28,11 +28,10 @@ class RoleAppArgs(BaseModel):
     role: str = Field(pattern=ROLE_NAME.pattern)
     model: str = Field(min_length=1)
     dtype: Dtype = "float32"
-    max_cached_tokens: int = Field(default=DEFAULT_MAX_CACHED_TOKENS, ge=1)
+    kv_cache_bytes: int = Field(default=DEFAULT_KV_CACHE_BYTES, ge=1)
+    max_seq_len: int | None = Field(default=None, ge=1)
     vocab_size: int | None = Field(default=None, ge=1)
     session_idle_s: float | None = Field(default=None, gt=0)
-    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
-    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
     tp_size: int = Field(default=1, ge=1)  # > 1: the deployment options must reserve the placement group
 
 
@@ -42,11 +41,10 @@ def _bind(args: RoleAppArgs, options: dict[str, Any] | None = None) -> Applicati
         role=args.role,
         model=args.model,
         dtype=args.dtype,
-        max_cached_tokens=args.max_cached_tokens,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_seq_len=args.max_seq_len,
         vocab_size=args.vocab_size,
         session_idle_s=args.session_idle_s,
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
         tp_size=args.tp_size,
     )
 

@@ -14,7 +14,7 @@ roles:
     autoscaling_config: {min_replicas: 1, max_replicas: 4}
     ray_actor_options: {num_cpus: 8, num_gpus: 1}
   base_small: {model: meta-llama/Llama-2-7b-hf, num_replicas: 2}
-  ft_small: {model: meta-llama/Llama-2-7b-chat-hf, max_cached_tokens: 131072}
+  ft_small: {model: meta-llama/Llama-2-7b-chat-hf, kv_cache_bytes: 8589934592}
 ```
 
 Every model is strict (unknown fields are refused) and every error names its field: pydantic
@@ -32,14 +32,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from eft_router.messages import RequestDefaults
-from eft_router.router_config import RouterConfig
-from eft_router.serve_backend import APP_PREFIX, DEPLOYMENT_NAME
-from eft_router.spec import FT_SMALL, EFTSpec, SamplingParams, SpecError, SpeculativeParams
-from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS
+from eft_router.core.spec import FT_SMALL, EFTSpec, SamplingParams, SpecError, SpeculativeParams
+from eft_router.roles.serve import APP_PREFIX, DEPLOYMENT_NAME
+from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES
+from eft_router.server.config import RouterConfig
+from eft_router.server.messages import RequestDefaults
 
-DEFAULT_MAX_BATCH_SIZE = 8  # concurrent sessions' calls run in one forward pass (Serve batching)
-DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.002  # how long a call waits for others to join its batch
+DEFAULT_MAX_ONGOING_REQUESTS = 16  # calls one replica holds: a router sends a few per step
 IMPORT_PATH = "services.app:role_app"
 ROLE_NAME = re.compile(r"^(base_large|base_small|ft_[a-z0-9][a-z0-9_]*)$")
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -80,16 +79,17 @@ class RoleConfig(_Strict):
 
     ``num_replicas`` (fixed) and ``autoscaling_config`` (passed to Serve as is, validated by
     Serve's own ``AutoscalingConfig``) are exclusive; with neither, one replica.
-    ``max_cached_tokens`` bounds each replica's KV caches (LRU by tokens).
+    ``kv_cache_bytes`` bounds each replica's KV cache (a tensor-parallel replica's ranks
+    share it): it holds ``kv_cache_bytes`` divided by one session's slot (its keys and values
+    at ``max_seq_len`` tokens, default the model's context length) sessions; the least
+    recently used idle session makes room for a new one. The router runs at most that many
+    requests at once (``router.max_num_seqs``), and queues the rest.
     ``session_idle_s`` frees a session's caches on a replica once no call of that session
     came for that long (within 1.5x that time, whether or not other calls come): a client
     that vanished without releasing stops holding memory. Unset: only releases and the
     token bound free caches.
-    ``max_batch_size`` / ``batch_wait_timeout_s``: a replica runs up to that many concurrent
-    sessions' calls in one forward pass, a call waiting at most that long for others to join
-    (only while no batch is running: under load, calls queue behind the running batch anyway).
-    Unset ``max_ongoing_requests`` becomes ``2 * max_batch_size`` (one batch running, the
-    next one filling): Serve's own default of 5 would cap the batches.
+    ``max_ongoing_requests``: calls one replica holds at once (default 16; each router sends
+    one call per role and step, carrying every request of the step).
     ``tp_size > 1`` shards the model over that many rank processes per replica (DeepSpeed
     AutoTP, ``services.tensor_parallel``). ``ray_actor_options`` then describes one model
     process: each rank reserves ``num_cpus`` (default 1), ``num_gpus`` and ``memory``; the
@@ -105,10 +105,9 @@ class RoleConfig(_Strict):
     autoscaling_config: dict[str, Any] | None = None
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     max_ongoing_requests: int | None = Field(default=None, ge=1)
-    max_cached_tokens: int = Field(default=DEFAULT_MAX_CACHED_TOKENS, ge=1)
+    kv_cache_bytes: int = Field(default=DEFAULT_KV_CACHE_BYTES, ge=1)
+    max_seq_len: int | None = Field(default=None, ge=1)
     session_idle_s: float | None = Field(default=None, gt=0)
-    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
-    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
     tp_size: int = Field(default=1, ge=1)
     health_check_period_s: float | None = Field(default=None, gt=0)
 
@@ -137,15 +136,6 @@ class RoleConfig(_Strict):
     def _replicas_exclusive(self) -> "RoleConfig":
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("num_replicas and autoscaling_config: give one of them, not both")
-        return self
-
-    @model_validator(mode="after")
-    def _batches_fit(self) -> "RoleConfig":
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
-                "a replica never holds enough calls to fill a batch; raise one or lower the other"
-            )
         return self
 
     @model_validator(mode="after")
@@ -178,7 +168,7 @@ class RoleConfig(_Strict):
             options["placement_group_strategy"] = "STRICT_PACK"  # the ranks rendezvous on the replica's node
         if actor:
             options["ray_actor_options"] = actor
-        options["max_ongoing_requests"] = self.max_ongoing_requests or 2 * self.max_batch_size
+        options["max_ongoing_requests"] = self.max_ongoing_requests or DEFAULT_MAX_ONGOING_REQUESTS
         if self.health_check_period_s is not None:
             options["health_check_period_s"] = self.health_check_period_s
         return options
@@ -277,15 +267,21 @@ class EnsembleConfig(_Strict):
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.roles[self.drafter].model
 
+    def worker_args(self, role: str) -> dict[str, Any]:
+        """The role worker's settings that the config sets (dtype, KV cache, idle timeout)."""
+        rc = self.roles[role]
+        args: dict[str, Any] = {"dtype": rc.dtype, "kv_cache_bytes": rc.kv_cache_bytes}
+        for name in ("max_seq_len", "session_idle_s"):
+            if getattr(rc, name) is not None:
+                args[name] = getattr(rc, name)
+        return args
+
     def app_args(self, role: str) -> dict[str, Any]:
         """The arguments of role ``role``'s Serve application builder."""
         rc = self.roles[role]
-        args: dict[str, Any] = {"role": role, "model": rc.model, "dtype": rc.dtype, "max_cached_tokens": rc.max_cached_tokens}
-        args |= {"max_batch_size": rc.max_batch_size, "batch_wait_timeout_s": rc.batch_wait_timeout_s}
+        args: dict[str, Any] = {"role": role, "model": rc.model, **self.worker_args(role)}
         if rc.tp_size > 1:
             args["tp_size"] = rc.tp_size
-        if rc.session_idle_s is not None:
-            args["session_idle_s"] = rc.session_idle_s
         if self.vocab_size is not None:
             args["vocab_size"] = self.vocab_size
         return args

@@ -16,11 +16,11 @@ from typing import Awaitable, Callable, Iterator, Literal, Mapping, Sequence
 
 from transformers import AutoTokenizer
 
-from eft_router.client import EFTClient
-from eft_router.decoder import Engine
 from eft_router.demo import DemoQuestion, DemoReport, run_demo
-from eft_router.serve_backend import aconnect_serve_roles
-from eft_router.server import Router, RouterThread
+from eft_router.roles.local import load_local_roles
+from eft_router.roles.serve import aconnect_serve_roles
+from eft_router.server.client import EFTClient
+from eft_router.server.grpc_server import Router, RouterThread
 
 from .config import EnsembleConfig
 
@@ -77,11 +77,11 @@ def router_factory(config: EnsembleConfig, backend: Backend) -> Callable[[], Awa
     async def make() -> Router:
         if backend == "local":
             models = {role: rc.model for role, rc in config.roles.items()}
-            engine = Engine.local(models, drafter=config.drafter)
+            roles, tokenizer = load_local_roles(models, {role: config.worker_args(role) for role in config.roles})
         else:
             roles = await aconnect_serve_roles(list(config.roles), call_timeout_s=router_config.role_timeout_s, app_prefix=config.app_prefix)
-            engine = Engine(roles, AutoTokenizer.from_pretrained(config.tokenizer_path()), config.drafter)
-        return Router(engine, router_config, config.request_defaults(), backend)
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path())
+        return Router(roles, tokenizer, router_config, config.request_defaults(), backend, config.drafter)
 
     return make
 

@@ -1,12 +1,13 @@
 """One role as a Ray Serve deployment: each replica holds one :class:`RoleWorker`.
 
-The replica exposes exactly the :class:`eft_router.roles.Role` calls (``score``, ``draft``,
-``release``) plus ``info``, ``vocab_digest``/``vocab`` (for the router's shared-vocabulary
-check), ``sessions``/``stats`` (tests, metrics) and ``check_health``. Every call carries the
-session id and the full token ids, so a replica that never saw a session recomputes it:
-results never depend on which replica Serve routes to. Routing only makes it fast:
-:class:`SessionAffinityRouter` sends all calls of a session to one replica, so its KV cache
-is reused and ``release`` finds it.
+The replica exposes the batch-first role calls (``score``, ``draft``, ``release``, each with
+a routing key first and a list of items) plus ``info``, ``vocab_digest``/``vocab`` (for the
+router's shared-vocabulary check), ``sessions``/``stats`` (tests, metrics) and
+``check_health``. Every item carries the session id and the full token ids, so a replica that
+never saw a session recomputes it: results never depend on which replica Serve routes to.
+Routing only makes it fast: the engine's Serve backend splits a step's call by the replica
+that owns each session (``eft_router.roles.serve.owner``) and :class:`SessionAffinityRouter`
+delivers each part there, so KV caches are reused and ``release`` finds them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 import torch
@@ -24,11 +25,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from eft_router.roles import Draft, RoleInfo
-from eft_router.spec import SamplingParams
-from eft_router.worker import DEFAULT_MAX_CACHED_TOKENS, DraftRequest, RoleWorker, ScoreRequest
+from eft_router.roles.interface import DraftItem, RoleInfo, ScoreItem
+from eft_router.roles.serve import REPLICAS, SESSION_METHODS, owner
+from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES, RoleWorker
 
-from .config import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE
 from .tensor_parallel import TensorParallelWorker
 
 
@@ -47,33 +47,34 @@ def _pick_device() -> str:
     return "cuda" if gpus and torch.cuda.is_available() else "cpu"
 
 
-SESSION_METHODS = frozenset({"score", "draft", "release"})  # first argument: the session id
-
-
-def _affinity(session_id: str, replica: RunningReplica) -> int:
-    digest = hashlib.blake2b(f"{session_id}\0{replica.replica_id.unique_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
 class SessionAffinityRouter(RequestRouter):
-    """Routes every call of a session to one replica: rendezvous (highest-random-weight)
-    hashing of the session id over the live replicas.
+    """Routes each part of a step's call to the replica that owns its sessions.
 
-    Why: the KV caches live on the replicas. With Serve's default power-of-two routing, the
-    steps of one session land on random replicas: each recomputes the whole prefix (correct,
-    but the cache is useless with N replicas on all but 1/N of the steps), and ``release``
-    reaches only one of the replicas that hold the session (the others keep it until LRU
-    eviction). Rendezvous hashing is stable: when a replica joins or leaves, only the
-    sessions that hash to it move (and recompute once); the cache a moved session leaves on
-    its old replica is reclaimed by that replica's LRU bound.
+    The first argument of ``score``, ``draft`` and ``release`` is a routing key: the id of the
+    replica the caller chose (``eft_router.roles.serve.owner`` over the replica ids this
+    router publishes in ``REPLICAS``), or, before the caller knows them, a session id. A key
+    that is a live replica's id goes there; any other key goes to its rendezvous owner among
+    the live replicas, so a caller with a stale view still lands every session on one replica.
 
-    A session's calls wait for its replica when that replica's queue is full rather than
-    spill to another one, so that ``release`` always finds the cache. Calls without a
-    session (``info``, ``stats``, ...) go to the shorter queue of two random replicas.
+    Why affinity: the KV caches live on the replicas. With Serve's default power-of-two
+    routing, the steps of one session land on random replicas: each recomputes the whole
+    prefix (correct, but the cache is useless with N replicas on all but 1/N of the steps),
+    and ``release`` reaches only one of the replicas that hold the session. Rendezvous hashing
+    is stable: when a replica joins or leaves, only the sessions that hash to it move (and
+    recompute once); the cache a moved session leaves on its old replica is reclaimed by
+    that replica's LRU bound.
+
+    A part waits for its replica when that replica's queue is full rather than spill to
+    another one, so that ``release`` always finds the cache. Calls without a routing key
+    (``info``, ``stats``, ...) go to the shorter queue of two random replicas.
 
     The router runs in the caller's process (the Serve handle), which unpickles this class
     by reference: the caller needs the ``services`` package importable.
     """
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        REPLICAS[self.app_name] = tuple(sorted(r.replica_id.unique_id for r in replicas))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -82,8 +83,9 @@ class SessionAffinityRouter(RequestRouter):
             return []
         meta = pending_request.metadata if pending_request is not None else None
         if meta is not None and meta.call_method in SESSION_METHODS and pending_request.args:
-            session = str(pending_request.args[0])
-            return [[max(candidate_replicas, key=lambda r: _affinity(session, r))]]
+            key = str(pending_request.args[0])
+            by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+            return [[by_id.get(key) or by_id[owner(key, list(by_id))]]]
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
 
 
@@ -96,21 +98,18 @@ class RoleDeployment:
 
     Concurrency: the methods are ``async`` and every call that touches the worker (model or
     session caches) runs on one dedicated worker thread, in arrival order. Not plain sync
-    methods, because Serve 2.60 runs sync methods in a thread pool
-    (``RAY_SERVE_RUN_SYNC_IN_THREADPOOL=1``), i.e. several at once, and the worker is
-    single-threaded by design (its LRU caches and a model's KV caches are not thread safe).
-    Not the worker inline on the event loop either: a forward pass would then block the
-    replica's loop, which also answers health checks and reports queue metrics to the
-    autoscaler. ``max_ongoing_requests`` therefore bounds how many calls wait here.
+    methods, because Serve 2.60 may run sync methods in a thread pool, several at once, and
+    the worker is single-threaded by design (its session table and KV slots are not thread
+    safe). Not the worker inline on the event loop either: a forward pass would then block
+    the replica's loop, which also answers health checks and reports queue metrics to the
+    autoscaler.
 
-    Batching: ``score`` and ``draft`` calls of concurrent sessions go through Serve's
-    ``@serve.batch`` queues and run as one ``score_many`` / ``draft_many`` on the worker
-    thread: one forward pass per batch (per draft step), where unbatched calls would queue
-    for the thread one forward pass each. ``max_batch_size`` and ``batch_wait_timeout_s``
-    are set per replica from the role's config. A request is validated before it joins a
-    batch, so a bad one fails alone instead of failing the calls batched with it.
+    Batching is the engine's: each call carries every session of a step that this replica
+    owns, and runs as one batched forward pass (per draft step). Calls from several routers
+    sharing the role queue for the worker thread. Items are validated before they reach the
+    thread, so a bad call fails alone and fast.
 
-    Tensors are returned as CPU float32 tensors (Serve pickles them to the caller).
+    Results travel packed: one float32 CPU tensor per call (Serve pickles it to the caller).
     """
 
     def __init__(
@@ -118,11 +117,10 @@ class RoleDeployment:
         role: str,
         model: str,
         dtype: str = "float32",
-        max_cached_tokens: int = DEFAULT_MAX_CACHED_TOKENS,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        max_seq_len: int | None = None,
         vocab_size: int | None = None,
         session_idle_s: float | None = None,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S,
         tp_size: int = 1,
     ) -> None:
         self._vocab: dict[str, int] | None = None
@@ -143,19 +141,19 @@ class RoleDeployment:
         self._digest = vocab_digest(self._vocab) if self._vocab is not None else None
         # tp_size > 1: the model sharded over rank actors, behind the same worker interface
         args = dict(
-            name=role, model=model, vocab_size=vocab_size, dtype=dtype, max_cached_tokens=max_cached_tokens,
-            session_idle_s=session_idle_s,
+            name=role, model=model, vocab_size=vocab_size, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
+            max_seq_len=max_seq_len, session_idle_s=session_idle_s,
         )
         self.worker: RoleWorker | TensorParallelWorker = (
             TensorParallelWorker(tp_size, **args) if tp_size > 1 else RoleWorker(**args, device=_pick_device())
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"role-{role}")
-        for batched in (self._score_batch, self._draft_batch):
-            batched.set_max_batch_size(max_batch_size)
-            batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        # The caches see idleness only when a call touches them: sweep, so that an abandoned
-        # session goes even when no further call comes (at most 1.5 x session_idle_s after
-        # its last call). The constructor runs on the replica's event loop.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"role-{role}",
+            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),),
+        )
+        # The session table sees idleness only when a call touches it: sweep, so that an
+        # abandoned session goes even when no further call comes (at most 1.5 x session_idle_s
+        # after its last call). The constructor runs on the replica's event loop.
         self._sweeper: asyncio.Task | None = None
         if session_idle_s is not None:
             self._sweeper = asyncio.get_running_loop().create_task(self._expire_idle_sessions(session_idle_s / 2))
@@ -168,31 +166,22 @@ class RoleDeployment:
             await asyncio.sleep(every_s)
             await self._run(self.worker.expire_idle_sessions)
 
-    # -- the Role calls ----------------------------------------------------------------------
+    # -- the role calls ----------------------------------------------------------------------
 
-    async def score(self, session_id: str, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        request = ScoreRequest(session_id, list(token_ids), start)
-        self.worker.validate(request)
-        return await self._score_batch(request)
+    async def score(self, route: str, items: Sequence[ScoreItem]) -> tuple[torch.Tensor, list[int]]:
+        """All items' rows in one tensor, and each item's row count."""
+        self.worker.validate(items)
+        rows = await self._run(self.worker.score, items)
+        return _packed(rows), [len(r) for r in rows]
 
-    async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (), confidence: float = 0.0,
-    ) -> Draft:
-        request = DraftRequest(session_id, list(token_ids), k, sampling, list(uniforms), frozenset(stop_ids), confidence)
-        self.worker.validate(request)
-        return await self._draft_batch(request)
+    async def draft(self, route: str, items: Sequence[DraftItem]) -> tuple[list[list[int]], torch.Tensor]:
+        """Each item's drafted tokens, and all items' rows in one tensor."""
+        self.worker.validate(items)
+        drafts = await self._run(self.worker.draft, items)
+        return [d.tokens for d in drafts], _packed([d.logprobs for d in drafts])
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def _score_batch(self, requests: list[ScoreRequest]) -> list[torch.Tensor]:
-        return await self._run(self.worker.score_many, requests)
-
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def _draft_batch(self, requests: list[DraftRequest]) -> list[Draft]:
-        return await self._run(self.worker.draft_many, requests)
-
-    async def release(self, session_id: str) -> None:
-        await self._run(self.worker.release, session_id)
+    async def release(self, route: str, session_ids: Sequence[str]) -> None:
+        await self._run(self.worker.release, list(session_ids))
 
     # -- metadata, introspection, health ------------------------------------------------------
 
@@ -209,19 +198,20 @@ class RoleDeployment:
 
     async def sessions(self) -> list[str]:
         """Ids of the sessions cached on this replica, least recently used first."""
-        return await self._run(lambda: self.worker.caches.ids())
+        return await self._run(lambda: self.worker.sessions.ids())
 
     async def stats(self) -> dict[str, Any]:
         """This replica's id and cache state (for tests and metrics)."""
 
         def read() -> dict[str, Any]:
-            caches = self.worker.caches
+            w = self.worker
             return {
-                "sessions": caches.ids(),
-                "cached_tokens": caches.cached_tokens,
-                "computed_tokens": self.worker.computed_tokens,
-                "batches": self.worker.batches,
-                "batched_calls": self.worker.batched_calls,
+                "sessions": w.sessions.ids(),
+                "cached_tokens": w.sessions.cached_tokens,
+                "computed_tokens": w.computed_tokens,
+                "forward_passes": w.forward_passes,
+                "forward_rows": w.forward_rows,
+                "forward_seconds": w.forward_seconds,
             }
 
         out = await self._run(read)
@@ -250,3 +240,8 @@ class RoleDeployment:
         worker = getattr(self, "worker", None)
         if isinstance(worker, TensorParallelWorker):
             worker.shutdown()
+
+
+def _packed(rows: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor for the wire (a list of tensors pickles each with its own framing)."""
+    return torch.cat(rows) if rows else torch.empty(0)

@@ -43,8 +43,8 @@ from ray.exceptions import RayError, RayTaskError
 from ray.util import get_current_placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from eft_router.roles import RoleInfo
-from eft_router.worker import DTYPES, RoleWorker
+from eft_router.roles.interface import RoleInfo
+from eft_router.roles.worker import DTYPES, RoleWorker
 
 COLLECTIVE_TIMEOUT_S = 60.0  # a rank waits this long for its peers in a collective, then raises
 HEALTH_TIMEOUT_S = 10.0  # a rank that does not answer a ping this fast is unhealthy (Serve waits 30 s)
@@ -88,7 +88,7 @@ class _Rank:
         self.worker = _sharded_worker(env, gpu, worker_kwargs)
 
     def call(self, name: str, *args: Any) -> Any:
-        """Call the worker's method ``name`` (dotted: ``caches.ids``) or read its attribute;
+        """Call the worker's method ``name`` (dotted: ``sessions.ids``) or read its attribute;
         only rank 0's result travels back."""
         value = operator.attrgetter(name)(self.worker)
         result = value(*args) if callable(value) else value
@@ -108,18 +108,18 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-class _CachesView:
-    """``worker.caches`` as the deployment reads it (``ids()``, ``cached_tokens``), from the ranks."""
+class _SessionsView:
+    """``worker.sessions`` as the deployment reads it (``ids()``, ``cached_tokens``), from the ranks."""
 
     def __init__(self, group: "TensorParallelWorker") -> None:
         self._group = group
 
     def ids(self) -> list[str]:
-        return self._group.call("caches.ids")
+        return self._group.call("sessions.ids")
 
     @property
     def cached_tokens(self) -> int:
-        return self._group.call("caches.cached_tokens")
+        return self._group.call("sessions.cached_tokens")
 
 
 class TensorParallelWorker:
@@ -184,8 +184,8 @@ class TensorParallelWorker:
     validate = RoleWorker.validate  # reads only self.info: no round trip to the ranks
 
     @property
-    def caches(self) -> _CachesView:
-        return _CachesView(self)
+    def sessions(self) -> _SessionsView:
+        return _SessionsView(self)
 
     def _fail(self, rank: int, err: BaseException) -> TensorParallelError:
         what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

@@ -16,13 +16,13 @@ import torch
 # Tiny models run fastest on one thread; more threads than cores slows them many times over.
 torch.set_num_threads(1)
 
-from eft_router.decoder import Engine
+from eft_router.engine import Engine, Generation, GenerationRequest
 from eft_router.tiny import TinyModel, build_tiny_family
 
 if TYPE_CHECKING:
     from ray.cluster_utils import Cluster
 
-    from eft_router.serve_backend import ServeRole
+    from eft_router.roles.serve import ServeRole
     from services.config import EnsembleConfig
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -43,6 +43,14 @@ TINY_VOCAB_ROLES = {
 }
 
 
+KV_CACHE_BYTES = 1 << 24  # per role: a few dozen slots of the tiny models' 512 positions
+
+
+def generate(engine: Engine, prompt_ids, **fields) -> Generation:
+    """One request (the fields of :class:`GenerationRequest`) run to its end."""
+    return asyncio.run(engine.generate(GenerationRequest(prompt_ids, **fields)))
+
+
 @pytest.fixture(scope="session")
 def family_paths(tmp_path_factory) -> dict[str, str]:
     return build_tiny_family(tmp_path_factory.mktemp("family"), WORDS, ROLES)
@@ -50,7 +58,7 @@ def family_paths(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def engine(family_paths) -> Engine:
-    return Engine.local(family_paths)
+    return Engine.local(family_paths, kv_cache_bytes=KV_CACHE_BYTES)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +68,7 @@ def tiny_vocab_paths(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_vocab_engine(tiny_vocab_paths) -> Engine:
-    return Engine.local(tiny_vocab_paths)
+    return Engine.local(tiny_vocab_paths, kv_cache_bytes=KV_CACHE_BYTES)
 
 
 # -- one Ray cluster with the tiny family served on it, for the whole run ---------------------
@@ -99,7 +107,7 @@ def served_ensemble_config(paths: dict[str, str]) -> EnsembleConfig:
             "model": paths[role],
             "num_replicas": 2 if role == "base_small" else 1,
             "ray_actor_options": actor,
-            "max_cached_tokens": 2048,
+            "kv_cache_bytes": KV_CACHE_BYTES,
         }
     return EnsembleConfig.model_validate({"roles": roles})
 
@@ -179,7 +187,7 @@ def served_ensemble(ray_cluster: Cluster, family_paths: dict[str, str]) -> Serve
 @pytest.fixture(scope="session")
 def serve_roles(served_ensemble: ServedEnsemble) -> dict[str, ServeRole]:
     """The served roles behind the engine's role interface (Serve handles)."""
-    from eft_router.serve_backend import connect_serve_roles
+    from eft_router.roles.serve import connect_serve_roles
 
     return connect_serve_roles(list(served_ensemble.roles))
 

@@ -1,4 +1,4 @@
-"""Exactness of the speculative acceptance rule ``accept_block``, without the engine.
+"""Exactness of the speculative acceptance rule ``accept_blocks``, without the engine.
 
 In the spirit of vLLM's rejection-sampler tests, but exact rather than sampled: the
 function takes its randomness as explicit uniforms, so the law of its output can be
@@ -15,7 +15,9 @@ a block must have when target rows ``p`` and draft rows ``q`` are fixed:
 whose first-token marginal is p_1: that is what makes speculative sampling exact.
 
 A Monte-Carlo test with real random draws checks the same law (and what it implies for the
-marginals) independently of the bisection machinery.
+marginals) independently of the bisection machinery, with every block of the sample settled
+in one batched call; and a batch of blocks of mixed lengths (a step's blocks, padded) settles
+each block exactly as it settles alone.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import pytest
 import torch
 from scipy.stats import power_divergence
 
-from eft_router.sampling import sample_from, sampling_probs
-from eft_router.speculative import accept_block
+from eft_router.core.acceptance import BlockOutcome, accept_blocks
+from eft_router.core.sampling import sample_from, sampling_probs
 
 V = 5
 U_MAX = 1.0 - 2.0**-53  # the largest double below 1: uniforms live in [0, 1)
@@ -76,6 +78,16 @@ def inside(intervals: list[tuple[float, float]]) -> float:
     """A uniform well inside the largest interval."""
     lo, hi = max(intervals, key=lambda iv: iv[1] - iv[0])
     return (lo + hi) / 2
+
+
+def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], accept_us: list[float], final_u: float) -> BlockOutcome:
+    """``accept_blocks`` for one block: p ``[k+1, V]``, q at least ``[k, V]``, k = len(drafts)."""
+    k = len(drafts)
+    (out,) = accept_blocks(
+        p[None], q[None, :k], torch.tensor([drafts], dtype=torch.long).reshape(1, k), torch.tensor([k]),
+        torch.tensor([accept_us[:k]], dtype=torch.float64).reshape(1, k), torch.tensor([final_u], dtype=torch.float64),
+    )
+    return out
 
 
 def run_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], accept_us: list[float], final_u: float) -> tuple[int, ...]:
@@ -278,16 +290,8 @@ def test_rejection_samples_the_normalised_residual() -> None:
 # -- fine grids: the bisection's one-interval assumption, and sample_from directly ----------
 
 
-def grid_frequencies(f: Callable[[float], int], n: int, vocab: int) -> np.ndarray:
-    counts = np.zeros(vocab)
-    for i in range(n):
-        counts[f((i + 0.5) / n)] += 1
-    return counts / n
-
-
-def grid_is_monotone(f: Callable[[float], int], n: int) -> bool:
-    values = [f((i + 0.5) / n) for i in range(n)]
-    return all(a <= b for a, b in zip(values, values[1:]))
+def grid(n: int) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
 
 @pytest.mark.parametrize(
@@ -304,14 +308,17 @@ def test_sample_from_on_a_fine_grid(probs: list[float]) -> None:
     resolution, never a zero-probability token, even at the ends of [0, 1)."""
     t = torch.tensor(probs, dtype=torch.float32)
     n = 100_000
-    freq = grid_frequencies(lambda u: sample_from(t, u), n, len(probs))
+    samples = sample_from(t.expand(n, -1), grid(n))  # every uniform of the grid in one batch
+    freq = np.bincount(samples.numpy(), minlength=len(probs)) / n
     want = np.array(probs) / sum(probs)
     np.testing.assert_allclose(freq, want, atol=1.0 / n + 1e-6)
     zero = np.array(probs) == 0
     assert (freq[zero] == 0).all()
     for u in (0.0, 1e-300, 0.5, U_MAX, 1.0):
-        assert probs[sample_from(t, u)] > 0
-    assert grid_is_monotone(lambda u: sample_from(t, u), 2000)
+        assert probs[int(sample_from(t, u))] > 0
+    assert bool((samples[1:] >= samples[:-1]).all())  # monotone in the uniform
+    sub = grid(n)[:: n // 500]  # one distribution at a time samples what the batch did
+    assert samples[:: n // 500].tolist() == [int(sample_from(t, float(u))) for u in sub]
 
 
 def test_accept_block_final_uniform_on_a_fine_grid() -> None:
@@ -323,14 +330,44 @@ def test_accept_block_final_uniform_on_a_fine_grid() -> None:
     u_rej = (reject + 1.0) / 2
     residual = torch.clamp(p[0].double() - q[0].double(), min=0.0)
     residual = (residual / residual.sum()).numpy()
-    f = lambda u: run_block(p, q, [x, 0], [u_rej, 0.5], u)[-1]
     n = 20_000
-    np.testing.assert_allclose(grid_frequencies(f, n, V), residual, atol=1.0 / n + 1e-6)
-    assert grid_is_monotone(f, 2000)
+
+    def last_tokens(drafts: list[int], accept_us: list[float]) -> np.ndarray:
+        """The block's last token for every uniform of the grid, in one batched call."""
+        out = accept_blocks(
+            p.expand(n, -1, -1), q.expand(n, -1, -1), torch.tensor([drafts] * n), torch.full((n,), 2),
+            torch.tensor([accept_us] * n, dtype=torch.float64), grid(n),
+        )
+        assert all(tuple(o.tokens) == run_block(p, q, drafts, accept_us, float(u)) for o, u in zip(out[:: n // 100], grid(n)[:: n // 100]))
+        return np.array([o.tokens[-1] for o in out])
+
+    rejected = last_tokens([x, 0], [u_rej, 0.5])
+    np.testing.assert_allclose(np.bincount(rejected, minlength=V) / n, residual, atol=1.0 / n + 1e-6)
+    assert (np.diff(rejected) >= 0).all()  # each token's preimage is one interval
     # all accepted (uniform 0 accepts any token with p > 0): the bonus is from p[k]
     drafts = [int(torch.nonzero((p[t] > 0) & (q[t] > 0))[0]) for t in range(2)]
-    f = lambda u: run_block(p, q, drafts, [0.0, 0.0], u)[-1]
-    np.testing.assert_allclose(grid_frequencies(f, n, V), p[2].double().numpy(), atol=1.0 / n + 1e-6)
+    bonus = last_tokens(drafts, [0.0, 0.0])
+    np.testing.assert_allclose(np.bincount(bonus, minlength=V) / n, p[2].double().numpy(), atol=1.0 / n + 1e-6)
+
+
+def test_a_batch_of_mixed_blocks_settles_each_as_alone() -> None:
+    """A step's blocks: different k (0 for plain requests), padded to the longest with junk
+    beyond each block's own positions, different distributions. Each row's outcome is the
+    one its block gets alone, whatever pads and neighbours it has."""
+    g = torch.Generator().manual_seed(3)
+    vocab, kmax = 7, 5
+    for trial in range(40):
+        ks = torch.randint(0, kmax + 1, (6,), generator=g).tolist()
+        batch = len(ks)
+        temperature = [0.0, 0.7, 1.0][trial % 3]
+        p = sampling_probs(2 * torch.randn(batch, kmax + 1, vocab, generator=g), temperature)
+        q = sampling_probs(2 * torch.randn(batch, kmax, vocab, generator=g), temperature)
+        drafts = torch.stack([torch.multinomial(q[b], 1, generator=g).squeeze(-1) for b in range(batch)])
+        us = torch.rand(batch, kmax + 1, generator=g, dtype=torch.float64)
+        got = accept_blocks(p, q, drafts, torch.tensor(ks), us[:, :kmax], us[:, kmax])
+        for b, k in enumerate(ks):
+            alone = accept_block(p[b, : k + 1], q[b, :k], drafts[b, :k].tolist(), us[b, :k].tolist(), float(us[b, kmax]))
+            assert got[b] == alone, (trial, b, k)
 
 
 # -- greedy --------------------------------------------------------------------------------
@@ -391,8 +428,12 @@ def test_monte_carlo_joint_law_k2() -> None:
     us = rng.random((n, k + 1))
     drafts_l, us_l = drafts.tolist(), us.tolist()
     start = time.perf_counter()
-    counts = Counter(tuple(accept_block(p, q, d, u[:k], u[k]).tokens) for d, u in zip(drafts_l, us_l))
-    elapsed = time.perf_counter() - start  # ~5 s here; printed, never asserted
+    outcomes = accept_blocks(
+        p.expand(n, -1, -1), q.expand(n, -1, -1), torch.tensor(drafts_l), torch.full((n,), k),
+        torch.tensor(us[:, :k]), torch.tensor(us[:, k]),
+    )  # every block of the sample in one batched call
+    counts = Counter(tuple(o.tokens) for o in outcomes)
+    elapsed = time.perf_counter() - start  # printed, never asserted
 
     law = theoretical_block_law(p, q)
     p_joint = g_test(counts, law, n)

@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from eft_router.serve_backend import ServeRole, app_name
+from eft_router.roles.interface import ScoreItem
+from eft_router.roles.serve import ServeRole, app_name
 
 ROLE = "ft_scaled"
 AUTOSCALING = {
@@ -47,7 +48,7 @@ def scaled_role(ray_cluster, family_paths) -> Iterator[ServeRole]:
     """Role ``ft_scaled`` deployed from an ensemble config with :data:`AUTOSCALING`."""
     from ray import serve
 
-    from eft_router.serve_backend import connect_serve_roles
+    from eft_router.roles.serve import connect_serve_roles
     from services.app import deploy_ensemble
     from services.config import EnsembleConfig
 
@@ -98,8 +99,8 @@ def test_role_scales_up_under_load_and_back_down(scaled_role, engine):
         async def load(i: int) -> None:
             session = f"load{i}-" + uuid.uuid4().hex
             while not stop.is_set():
-                await scaled_role.score(session, prompt, 1)
-            await scaled_role.release(session)
+                await scaled_role.score([ScoreItem(session, prompt, 1)])
+            await scaled_role.release([session])
 
         loaders = [asyncio.create_task(load(i)) for i in range(CONCURRENCY)]
         try:

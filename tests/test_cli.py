@@ -7,6 +7,7 @@ import json
 import pytest
 
 from eft_router.cli import main
+from eft_router.engine import GenerationRequest
 
 
 def model_args(paths: dict[str, str]) -> list[str]:
@@ -16,12 +17,12 @@ def model_args(paths: dict[str, str]) -> list[str]:
 def test_generate_json_matches_the_engine(family_paths, engine, capsys):
     import asyncio
 
-    from eft_router.spec import SamplingParams, SpeculativeParams
+    from eft_router.core.spec import SamplingParams, SpeculativeParams
 
     main(["generate", *model_args(family_paths), "w1 w2", "--temperature", "0", "--max-tokens", "6", "-k", "3", "--json"])
     out = json.loads(capsys.readouterr().out)
     ids = engine.tokenizer("w1 w2")["input_ids"]
-    g = asyncio.run(engine.generate(ids, sampling=SamplingParams(temperature=0.0, max_new_tokens=6), speculative=SpeculativeParams(k=3)))
+    g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(temperature=0.0, max_new_tokens=6), speculative=SpeculativeParams(k=3))))
     assert out["token_ids"] == g.token_ids and out["text"] == g.text
     assert out["stats"]["blocks"] == g.stats.blocks and len(out["diagnostics"]) == len(g.token_ids)
 

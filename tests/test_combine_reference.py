@@ -9,7 +9,7 @@ Two independent checks:
 * ``combine`` alone on random ``[B, T, V]`` log-probs against a per-row python loop,
   including the conservative (weight top-p) filter semantics.
 
-Nothing here calls ``eft_router.combine`` to build an expected value.
+Nothing here calls ``eft_router.core.combine`` to build an expected value.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM
 from dataclasses import replace
 
 from conftest import ROLES, WORDS
-from eft_router.combine import combine
-from eft_router.decoder import Engine
-from eft_router.spec import EFTSpec, SamplingParams
+from eft_router.core.combine import combine
+from eft_router.engine import Engine, GenerationRequest, ScoreRequest
+from eft_router.core.spec import EFTSpec, SamplingParams
 from eft_router.tiny import build_tiny_family
 
 # combine() on given float32 log-probs is plain arithmetic: 1e-5 is far above its rounding.
@@ -197,7 +197,7 @@ def test_reference_sees_padded_rows_trimmed(reference, engine):
 def test_generation_matches_reference(engine, reference, prompt, mode):
     spec, roles, _ = MODES[mode]
     sampling = SamplingParams(temperature=1.0, seed=SEED, max_new_tokens=MAX_NEW, stop_token_ids=())
-    gen = asyncio.run(engine.generate(prompt, eft=spec, sampling=sampling, diagnostics=True))
+    gen = asyncio.run(engine.generate(GenerationRequest(prompt, eft=spec, sampling=sampling, diagnostics=True)))
     n = len(gen.token_ids)
     assert n >= 10, f"only {n} tokens ({gen.finish_reason}); pick another seed"
     assert len(gen.diagnostics) == n
@@ -214,7 +214,7 @@ def test_generation_matches_reference(engine, reference, prompt, mode):
     assert eft_err < MODEL_TOL, f"EFT log-probs differ by {eft_err}"
 
     # Engine.score on the same continuation: one forward pass per role, same numbers.
-    scored = asyncio.run(engine.score(prompt, gen.token_ids, spec))
+    scored = asyncio.run(engine.score(ScoreRequest(prompt, gen.token_ids, spec)))
     assert scored.token_ids == gen.token_ids
     assert set(scored.role_logprobs) == roles
     for t, token in enumerate(gen.token_ids):
@@ -232,7 +232,7 @@ def test_whole_vocabulary_matches_reference(engine, reference, prompt, mode):
     prefix = prompt + engine.tokenizer("w10 w20 w30 w40 w50")["input_ids"]
     _, eft = reference.step(mode, prefix)
     assert abs(sum(math.exp(x) for x in eft) - 1.0) < 1e-9
-    got = [asyncio.run(engine.score(prefix, [v], spec)).logprobs[0] for v in range(reference.V)]
+    got = [asyncio.run(engine.score(ScoreRequest(prefix, [v], spec))).logprobs[0] for v in range(reference.V)]
     err = max(abs(a - b) for a, b in zip(got, eft))
     assert err < MODEL_TOL, f"max diff over the vocabulary {err}"
     # the distribution is not degenerate, so the comparison says something

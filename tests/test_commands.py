@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from eft_router.client import EFTClient
+from eft_router.server.client import EFTClient
 
 EFT = str(Path(sys.executable).parent / "eft")
 

@@ -10,8 +10,8 @@ import asyncio
 import pytest
 import torch
 
-from eft_router.decoder import Generation
-from eft_router.spec import SamplingParams, SpeculativeParams
+from eft_router.engine import Generation, GenerationRequest
+from eft_router.core.spec import SamplingParams, SpeculativeParams
 
 MAX_NEW = 20
 MODES = {"plain": SpeculativeParams(k=0), "speculative_k3": SpeculativeParams(k=3)}
@@ -22,7 +22,7 @@ MODES = {"plain": SpeculativeParams(k=0), "speculative_k3": SpeculativeParams(k=
 def generate(engine, seed: int | None, k: int, **kwargs) -> Generation:
     prompt = engine.tokenizer("w1 w2 w3")["input_ids"]
     sampling = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=MAX_NEW)
-    return asyncio.run(engine.generate(prompt, sampling=sampling, speculative=SpeculativeParams(k=k), **kwargs))
+    return asyncio.run(engine.generate(GenerationRequest(prompt, sampling=sampling, speculative=SpeculativeParams(k=k), **kwargs)))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -49,9 +49,9 @@ def test_same_seed_same_tokens_over_a_stale_session_cache(engine, mode: str) -> 
     as a fresh one: the cache is an optimisation, never an input."""
     k = MODES[mode].k
     fresh = generate(engine, 5, k)
-    generate(engine, 6, k, session_id="determinism-stale", release=False)
+    generate(engine, 6, k, session_id="determinism-stale", keep_session=True)
     try:
-        reused = generate(engine, 5, k, session_id="determinism-stale", release=False)
+        reused = generate(engine, 5, k, session_id="determinism-stale", keep_session=True)
     finally:
         asyncio.run(engine.release("determinism-stale"))
     assert reused.token_ids == fresh.token_ids

@@ -10,11 +10,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eft_router.cli import main
-from eft_router.decoder import Engine
+from eft_router.engine import Engine, GenerationRequest
 from eft_router.family.build import MINIATURE, ROLES, build_family, family_dir, read_manifest
 from eft_router.family.train import Shape
-from eft_router.spec import EFTSpec, SamplingParams
-from eft_router.vocab import check_shared_vocabulary
+from eft_router.core.spec import EFTSpec, SamplingParams
+from eft_router.core.vocab import check_shared_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_the_engine_serves_the_family(mini_family):
     ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Where was Ada born?"}], tokenize=False, add_generation_prompt=True)
     ids = engine.tokenizer(ids, add_special_tokens=False)["input_ids"]
     deltas = {"ft_small": 0.5, "ft_small_safe": 0.5}
-    g = asyncio.run(engine.generate(ids, eft=EFTSpec(deltas=deltas), sampling=SamplingParams(temperature=0.0, max_new_tokens=5)))
+    g = asyncio.run(engine.generate(GenerationRequest(ids, eft=EFTSpec(deltas=deltas), sampling=SamplingParams(temperature=0.0, max_new_tokens=5))))
     assert 1 <= len(g.token_ids) <= 5
 
 

@@ -33,7 +33,7 @@ from eft_router.family.world import (
     world_digest,
 )
 from eft_router.tiny import TinyModel, tiny_llama
-from eft_router.vocab import check_shared_vocabulary
+from eft_router.core.vocab import check_shared_vocabulary
 
 REPEATS = 8
 

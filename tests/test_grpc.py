@@ -16,12 +16,12 @@ import pytest
 from google.protobuf import json_format
 
 from eft_router.api import eft_pb2 as pb
-from eft_router.client import AsyncEFTClient, EFTClient
-from eft_router.decoder import Engine, Generation
-from eft_router.messages import RequestDefaults
-from eft_router.router_config import RouterConfig
-from eft_router.server import Router, RouterThread
-from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
+from eft_router.server.client import AsyncEFTClient, EFTClient
+from eft_router.engine import Engine, Generation, GenerationRequest, ScoreRequest
+from eft_router.server.messages import RequestDefaults
+from eft_router.server.config import RouterConfig
+from eft_router.server.grpc_server import Router, RouterThread
+from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
 
 PROMPTS = ["w1 w2 w3", "w7", "w30 w31 w30 w31 w5"]
 LONG = dict(max_tokens=400, ignore_eos=True, temperature=1.0)  # a generation that takes a while
@@ -31,7 +31,7 @@ def local_router(engine: Engine, **config) -> RouterThread:
     """A router on the in-process backend, sharing the tiny family"s loaded roles."""
 
     async def make() -> Router:
-        return Router(Engine(engine.roles, engine.tokenizer), RouterConfig(port=0, **config), RequestDefaults(), "local")
+        return Router(engine.roles, engine.tokenizer, RouterConfig(port=0, **config), RequestDefaults(), "local")
 
     return RouterThread(make)
 
@@ -65,7 +65,7 @@ def client(router):
 def engine_generation(engine: Engine, prompt: str, k: int = 0, **sampling) -> Generation:
     ids = engine.tokenizer(prompt)["input_ids"]
     params = SamplingParams(**({"temperature": 0.0, "max_new_tokens": 16} | sampling))
-    return asyncio.run(engine.generate(ids, sampling=params, speculative=SpeculativeParams(k=k)))
+    return asyncio.run(engine.generate(GenerationRequest(ids, sampling=params, speculative=SpeculativeParams(k=k))))
 
 
 def engine_generate(engine: Engine, prompt: str, k: int = 0, **sampling) -> list[int]:
@@ -78,7 +78,7 @@ def sessions_on_roles(router: RouterThread) -> dict[str, list[str]]:
     for name, timed in router.router.engine.roles.items():
         role = timed.role
         if hasattr(role, "worker"):  # in-process
-            out[name] = role.worker.caches.ids()
+            out[name] = role.worker.sessions.ids()
         else:  # Serve: every replica of the role
             from conftest import replica_stats
 
@@ -119,12 +119,12 @@ def test_generate_and_stream_equal_the_engine(client, engine, k):
 def test_seeded_sampling_is_reproducible_and_matches_the_engine(client, engine):
     reply = client.generate("w1 w2", temperature=1.0, seed=7, max_tokens=12, k=2)
     ids = engine.tokenizer("w1 w2")["input_ids"]
-    g = asyncio.run(engine.generate(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=SpeculativeParams(k=2)))
+    g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=SpeculativeParams(k=2))))
     assert list(reply.token_ids) == g.token_ids and reply.stats.seed == 7
     # the draft confidence reaches the engine: the engine's tokens, with fewer drafts
     unsure = client.generate("w1 w2", temperature=1.0, seed=7, max_tokens=12, k=2, draft_confidence=0.2)
     speculative = SpeculativeParams(k=2, confidence=0.2)
-    g = asyncio.run(engine.generate(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative))
+    g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative)))
     assert list(unsure.token_ids) == g.token_ids and unsure.stats.drafted_tokens == g.stats.drafted_tokens
     assert unsure.stats.drafted_tokens < reply.stats.drafted_tokens
 
@@ -133,7 +133,7 @@ def test_score_equals_the_engine(client, engine):
     reply = client.score("w1 w2", "w3 w4 w5", preset="upscale", beta=1.5)
     prompt = engine.tokenizer("w1 w2")["input_ids"]
     cont = engine.tokenizer("w3 w4 w5", add_special_tokens=False)["input_ids"]
-    expected = asyncio.run(engine.score(prompt, cont, EFTSpec(beta=1.5)))
+    expected = asyncio.run(engine.score(ScoreRequest(prompt, cont, EFTSpec(beta=1.5))))
     assert list(reply.token_ids) == cont
     assert max(abs(a - b) for a, b in zip(reply.logprobs, expected.logprobs)) < 1e-5
     assert set(reply.role_logprobs) == set(expected.role_logprobs)

@@ -16,8 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eft_router.decoder import Engine
-from eft_router.spec import EFTSpec, SamplingParams
+from eft_router.roles.interface import ScoreItem
+from eft_router.engine import Engine, GenerationRequest, ScoreRequest
+from eft_router.core.spec import EFTSpec, SamplingParams
 from eft_router.tiny import TinyModel, build_tiny_family
 
 # Engine-vs-engine comparisons reuse the same float32 forward passes, so only the
@@ -35,7 +36,7 @@ def ids(engine: Engine, text: str) -> list[int]:
 
 
 def score(engine: Engine, spec: EFTSpec):
-    return asyncio.run(engine.score(ids(engine, PROMPT), ids(engine, CONT), spec))
+    return asyncio.run(engine.score(ScoreRequest(ids(engine, PROMPT), ids(engine, CONT), spec)))
 
 
 def role_rows(engine: Engine, roles) -> dict[str, torch.Tensor]:
@@ -46,9 +47,10 @@ def role_rows(engine: Engine, roles) -> dict[str, torch.Tensor]:
     async def one(role):
         session = uuid.uuid4().hex
         try:
-            return await engine.roles[role].score(session, prompt + cont, len(prompt))
+            (rows,) = await engine.roles[role].score([ScoreItem(session, prompt + cont, len(cont) + 1)])
+            return rows
         finally:
-            await engine.roles[role].release(session)
+            await engine.roles[role].release([session])
 
     return {r: asyncio.run(one(r))[:-1].double() for r in roles}
 
@@ -83,7 +85,7 @@ def test_lambda_zero_is_base_large(engine):
 
 def test_lambda_zero_diagnostics_are_base_large(engine):
     sampling = SamplingParams(temperature=1.0, seed=3, max_new_tokens=20)
-    gen = asyncio.run(engine.generate(ids(engine, PROMPT), eft=EFTSpec(deltas={"ft_small": 0.0}), sampling=sampling, diagnostics=True))
+    gen = asyncio.run(engine.generate(GenerationRequest(ids(engine, PROMPT), eft=EFTSpec(deltas={"ft_small": 0.0}), sampling=sampling, diagnostics=True)))
     assert len(gen.diagnostics) >= 5
     assert max_diff([d.logprob for d in gen.diagnostics], [d.role_logprobs["base_large"] for d in gen.diagnostics]) < TOL
 
@@ -122,9 +124,9 @@ def test_same_model_everywhere_is_that_model(same_model_engine, spec):
 def test_same_model_sampling_is_that_model(same_model_engine):
     sampling = SamplingParams(temperature=1.0, seed=5, max_new_tokens=20)
     prompt = ids(same_model_engine, PROMPT)
-    eft = asyncio.run(same_model_engine.generate(prompt, eft=EFTSpec(), sampling=sampling, diagnostics=True))
+    eft = asyncio.run(same_model_engine.generate(GenerationRequest(prompt, eft=EFTSpec(), sampling=sampling, diagnostics=True)))
     alone = asyncio.run(
-        same_model_engine.generate(prompt, eft=EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), sampling=sampling)
+        same_model_engine.generate(GenerationRequest(prompt, eft=EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), sampling=sampling))
     )
     assert eft.token_ids == alone.token_ids
     assert max_diff([d.logprob for d in eft.diagnostics], [d.role_logprobs["ft_small"] for d in eft.diagnostics]) < TOL
@@ -212,13 +214,13 @@ def test_downscale_by_hand(engine):
 def test_greedy_lambda_zero_equals_greedy_base_large(engine, family_paths, text):
     greedy = SamplingParams(temperature=0.0, max_new_tokens=30)
     prompt = ids(engine, text)
-    zero = asyncio.run(engine.generate(prompt, eft=EFTSpec(deltas={"ft_small": 0.0}), sampling=greedy))
-    large = asyncio.run(engine.generate(prompt, eft=EFTSpec(preset="linear", coefficients={"base_large": 1.0}), sampling=greedy))
+    zero = asyncio.run(engine.generate(GenerationRequest(prompt, eft=EFTSpec(deltas={"ft_small": 0.0}), sampling=greedy)))
+    large = asyncio.run(engine.generate(GenerationRequest(prompt, eft=EFTSpec(preset="linear", coefficients={"base_large": 1.0}), sampling=greedy)))
     assert zero.token_ids == large.token_ids
     assert zero.finish_reason == large.finish_reason and zero.text == large.text
     assert len(zero.token_ids) >= 20
     # lambda does matter for the greedy path too
-    assert asyncio.run(engine.generate(prompt, eft=EFTSpec(), sampling=greedy)).token_ids != zero.token_ids
+    assert asyncio.run(engine.generate(GenerationRequest(prompt, eft=EFTSpec(), sampling=greedy))).token_ids != zero.token_ids
     # and it is base_large's own greedy continuation, step by step without a cache
     model = AutoModelForCausalLM.from_pretrained(family_paths["base_large"]).eval()
     seq = list(prompt)

@@ -14,8 +14,9 @@ import asyncio
 import ray
 
 from conftest import NODE_RESOURCES, ServedEnsemble, replica_stats
-from eft_router.serve_backend import ServeRole
-from eft_router.spec import SamplingParams, SpeculativeParams
+from eft_router.roles.serve import ServeRole
+from eft_router.core.spec import SamplingParams, SpeculativeParams
+from eft_router.engine import GenerationRequest
 
 
 
@@ -59,8 +60,8 @@ def test_generation_across_nodes_equals_in_process(served_ensemble, serve_roles,
     before = replicas_of(served_ensemble, serve_roles)
     prompt = engine.tokenizer("w11 w12 w13 w14")["input_ids"]
     kwargs = dict(sampling=SamplingParams(temperature=0.0, max_new_tokens=20), speculative=SpeculativeParams(k=3))
-    local = asyncio.run(engine.generate(prompt, **kwargs))
-    remote = asyncio.run(serve_engine.generate(prompt, **kwargs))
+    local = asyncio.run(engine.generate(GenerationRequest(prompt, **kwargs)))
+    remote = asyncio.run(serve_engine.generate(GenerationRequest(prompt, **kwargs)))
     assert remote.token_ids == local.token_ids
     assert remote.stats.accepted_per_block == local.stats.accepted_per_block
     after = replicas_of(served_ensemble, serve_roles)

@@ -18,7 +18,9 @@ from pydantic import ValidationError
 
 from conftest import SERVED_ROLES as SERVED
 from conftest import replica_stats, served_ensemble_config
-from eft_router.spec import SamplingParams, SpeculativeParams
+from eft_router.core.spec import SamplingParams, SpeculativeParams
+from eft_router.engine import GenerationRequest, ScoreRequest
+from eft_router.roles.interface import DraftItem, DraftParams, ScoreItem
 
 PROMPTS = ["w1 w2 w3", "w7", "w30 w31 w30 w31 w5"]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
@@ -35,8 +37,8 @@ def ids(engine, text):
 def test_greedy_generation_equals_in_process(serve_engine, engine, k):
     for prompt in PROMPTS:
         kwargs = dict(sampling=GREEDY, speculative=SpeculativeParams(k=k))
-        local = asyncio.run(engine.generate(ids(engine, prompt), **kwargs))
-        remote = asyncio.run(serve_engine.generate(ids(engine, prompt), **kwargs))
+        local = asyncio.run(engine.generate(GenerationRequest(ids(engine, prompt), **kwargs)))
+        remote = asyncio.run(serve_engine.generate(GenerationRequest(ids(engine, prompt), **kwargs)))
         assert remote.token_ids == local.token_ids, prompt
         assert remote.text == local.text and remote.finish_reason == local.finish_reason
         assert remote.stats.accepted_per_block == local.stats.accepted_per_block
@@ -44,8 +46,8 @@ def test_greedy_generation_equals_in_process(serve_engine, engine, k):
 
 def test_score_equals_in_process(serve_engine, engine):
     prompt, cont = ids(engine, "w1 w2 w3 w4"), ids(engine, "w5 w6 w7 w8 w9")
-    local = asyncio.run(engine.score(prompt, cont))
-    remote = asyncio.run(serve_engine.score(prompt, cont))
+    local = asyncio.run(engine.score(ScoreRequest(prompt, cont)))
+    remote = asyncio.run(serve_engine.score(ScoreRequest(prompt, cont)))
     assert remote.token_ids == local.token_ids
     # float32: a replica may start the session from a live session's cached prefix, which
     # changes the last bits of values around 10; hence rel as well as abs 1e-6
@@ -68,7 +70,7 @@ def test_session_affinity_and_release_on_every_replica(serve_roles, serve_engine
     prompt = ids(engine, "w3 w4 w5 w6 w7 w8")
     before = replica_totals(serve_roles)
     gen = asyncio.run(
-        serve_engine.generate(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=3), session_id=sid, release=False)
+        serve_engine.generate(GenerationRequest(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=3), session_id=sid, keep_session=True))
     )
     during = replica_totals(serve_roles)
     for name in SERVED:
@@ -80,7 +82,7 @@ def test_session_affinity_and_release_on_every_replica(serve_roles, serve_engine
         assert computed <= len(prompt) + len(gen.token_ids) + 3 * gen.stats.blocks, (name, computed)
     asyncio.run(serve_engine.release(sid))
     ended = "ended-" + uuid.uuid4().hex
-    asyncio.run(serve_engine.generate(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=2), session_id=ended))
+    asyncio.run(serve_engine.generate(GenerationRequest(prompt, sampling=GREEDY, speculative=SpeculativeParams(k=2), session_id=ended)))
     for name, replicas in replica_totals(serve_roles).items():
         for replica, st in replicas.items():
             assert not {sid, ended} & set(st["sessions"]), (name, replica, st)
@@ -95,69 +97,93 @@ def test_replica_without_the_session_recomputes(serve_roles, engine):
         sid = "fresh-" + uuid.uuid4().hex
         try:
             for n, start in ((40, 30), (len(long), 41), (len(long), 5)):
-                remote = asyncio.run(role.score(sid, long[:n], start))
-                local = worker.score("ref-" + sid, long[:n], start)
+                (remote,) = asyncio.run(role.score([ScoreItem(sid, long[:n], n - start + 1)]))
+                (local,) = worker.score([ScoreItem("ref-" + sid, long[:n], n - start + 1)])
                 assert remote.dtype == torch.float32 and remote.device.type == "cpu"
                 assert remote.shape == (n - start + 1, role.info.vocab_size)
                 torch.testing.assert_close(remote, local, atol=1e-6, rtol=0)
         finally:
-            asyncio.run(role.release(sid))
-            worker.release("ref-" + sid)
+            asyncio.run(role.release([sid]))
+            worker.release(["ref-" + sid])
+
+
+def test_a_call_splits_by_the_replica_that_owns_each_session(serve_roles, engine):
+    """base_small has two replicas: one step's call carrying many sessions becomes one call
+    per replica, each session on its owner, and every row equals the in-process one."""
+    from eft_router.roles.serve import owner
+
+    role, worker = serve_roles["base_small"], engine.roles["base_small"].worker
+    replicas = role.replicas()
+    assert len(replicas) == 2
+    items = [ScoreItem(f"split-{i}-" + uuid.uuid4().hex, ids(engine, f"w{i} w{i + 1} w{i + 2}"), 2) for i in range(12)]
+    owners = {owner(it.session_id, replicas) for it in items}
+    assert owners == set(replicas)  # both replicas own some of them
+    try:
+        for got, want in zip(asyncio.run(role.score(items)), worker.score([ScoreItem("ref-" + it.session_id, it.token_ids, 2) for it in items])):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        stats = replica_stats(role, 2)
+        for it in items:
+            holders = [r for r, st in stats.items() if it.session_id in st["sessions"]]
+            assert holders == [owner(it.session_id, replicas)]
+    finally:
+        asyncio.run(role.release([it.session_id for it in items]))
+        worker.release(["ref-" + it.session_id for it in items])
 
 
 def test_draft_equals_in_process(serve_roles, engine):
     prompt = ids(engine, "w9 w8 w7")
-    sampling = SamplingParams(temperature=0.8, top_p=0.9)
+    params = DraftParams(temperature=0.8, top_p=0.9)
     uniforms = [0.1, 0.5, 0.93, 0.3]
-    remote = asyncio.run(serve_roles["ft_small"].draft("d-" + uuid.uuid4().hex, prompt, 4, sampling, uniforms))
-    local = engine.roles["ft_small"].worker.draft("d-local", prompt, 4, sampling, uniforms)
-    engine.roles["ft_small"].worker.release("d-local")
-    asyncio.run(serve_roles["ft_small"].release("unused"))  # unknown sessions are ignored
+    (remote,) = asyncio.run(serve_roles["ft_small"].draft([DraftItem("d-" + uuid.uuid4().hex, prompt, 4, params, uniforms)]))
+    (local,) = engine.roles["ft_small"].worker.draft([DraftItem("d-local", prompt, 4, params, uniforms)])
+    engine.roles["ft_small"].worker.release(["d-local"])
+    asyncio.run(serve_roles["ft_small"].release(["unused"]))  # unknown sessions are ignored
     assert remote.tokens == local.tokens
     torch.testing.assert_close(remote.logprobs, local.logprobs, atol=1e-6, rtol=0)
     # stop ids reach the replica: the draft ends after the first stop token
     stop = local.tokens[1]
     sid = "d-" + uuid.uuid4().hex
-    stopped = asyncio.run(serve_roles["ft_small"].draft(sid, prompt, 4, sampling, uniforms, {stop}))
-    asyncio.run(serve_roles["ft_small"].release(sid))
+    stopping = DraftParams(temperature=0.8, top_p=0.9, stop_ids=frozenset({stop}))
+    (stopped,) = asyncio.run(serve_roles["ft_small"].draft([DraftItem(sid, prompt, 4, stopping, uniforms)]))
+    asyncio.run(serve_roles["ft_small"].release([sid]))
     assert stopped.tokens == local.tokens[: local.tokens.index(stop) + 1]
 
 
 def test_errors_name_the_role(serve_roles, engine):
-    from eft_router.serve_backend import RoleFailed, RoleUnavailable, ServeRole, connect_serve_roles
+    from eft_router.roles.serve import RoleFailed, RoleUnavailable, ServeRole, connect_serve_roles
 
     with pytest.raises(RoleUnavailable, match="'ft_absent'"):
         connect_serve_roles(["ft_absent"])
-    with pytest.raises(RoleFailed, match="'base_small'.*start") as err:  # the replica's own check
-        asyncio.run(serve_roles["base_small"].score("bad", [1, 2], 7))
+    with pytest.raises(RoleFailed, match="'base_small'.*rows") as err:  # the replica's own check
+        asyncio.run(serve_roles["base_small"].score([ScoreItem("bad", [1, 2], 7)]))
     assert isinstance(err.value.cause, ValueError) and err.value.role == "base_small"
     role = serve_roles["base_large"]
     hasty = ServeRole(role.info, role.handle, timeout_s=1e-4)
     with pytest.raises(RoleUnavailable, match="'base_large'.*TimeoutError"):
-        asyncio.run(hasty.score("hasty", list(range(2, 60)), 2))
-    asyncio.run(role.release("hasty"))  # same replica (affinity), after the abandoned call
+        asyncio.run(hasty.score([ScoreItem("hasty", list(range(2, 60)), 2)]))
+    asyncio.run(role.release(["hasty"]))  # same replica (affinity), after the abandoned call
 
 
 def test_async_connect(serve_roles):
-    from eft_router.serve_backend import aconnect_serve_roles
+    from eft_router.roles.serve import aconnect_serve_roles
 
     roles = asyncio.run(aconnect_serve_roles(list(SERVED)))
     assert {r: x.info for r, x in roles.items()} == {r: x.info for r, x in serve_roles.items()}
 
 
 def test_vocabulary_check_names_roles():
-    from eft_router.roles import RoleInfo
-    from eft_router.serve_backend import _check_roles
-    from eft_router.vocab import VocabularyMismatch
+    from eft_router.roles.interface import RoleInfo
+    from eft_router.roles.serve import _check_roles
+    from eft_router.core.vocab import VocabularyMismatch
 
-    infos = {r: RoleInfo(r, "m", 3, 16) for r in ("base_large", "ft_small")}
+    infos = {r: RoleInfo(r, "m", 3, 16, 8, 16) for r in ("base_large", "ft_small")}
     vocabs = {"base_large": {"a": 0, "b": 1, "c": 2}, "ft_small": {"a": 0, "c": 1, "b": 2}}
     apps = {r: f"eft-{r}" for r in infos}
     _check_roles(infos, {"base_large": "x", "ft_small": "x"}, vocabs.__getitem__, apps)
     with pytest.raises(VocabularyMismatch, match="'ft_small'.*'base_large'.*id 1: 'b' vs 'c'"):
         _check_roles(infos, {"base_large": "x", "ft_small": "y"}, vocabs.__getitem__, apps)
     with pytest.raises(VocabularyMismatch, match="size.*'ft_small': 4"):
-        _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16)}, {}, vocabs.__getitem__, apps)
+        _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16, 8, 16)}, {}, vocabs.__getitem__, apps)
     with pytest.raises(VocabularyMismatch, match="'ft_small'.*'eft-ft_small' serves role 'base_large'"):
         _check_roles({**infos, "ft_small": infos["base_large"]}, {}, vocabs.__getitem__, apps)
 
@@ -186,8 +212,7 @@ def test_config_to_serve_config_parses(family_paths, tmp_path):
     small = apps["eft-base_small"]
     assert small.import_path == "services.app:role_app" and small.route_prefix is None
     assert small.args == {"role": "base_small", "model": family_paths["base_small"], "dtype": "bfloat16",
-                          "max_cached_tokens": 65536, "vocab_size": 62, "max_batch_size": 8, "batch_wait_timeout_s": 0.002,
-                          "session_idle_s": 300}
+                          "kv_cache_bytes": 1 << 30, "vocab_size": 62, "session_idle_s": 300}
     (dep,) = small.deployments
     assert dep.name == "RoleDeployment" and dep.max_ongoing_requests == 8
     assert dep.autoscaling_config["max_replicas"] == 3
@@ -209,7 +234,9 @@ def test_config_to_serve_config_parses(family_paths, tmp_path):
         (lambda c: c.update(drafter="ft_other"), "drafter"),
         (lambda c: c["roles"]["base_small"].update(dtype="float64"), "roles.base_small.dtype"),
         (lambda c: c["roles"]["base_small"].update(num_replicas=0), "roles.base_small.num_replicas"),
-        (lambda c: c["roles"]["base_small"].update(max_cached_tokens=0), "roles.base_small.max_cached_tokens"),
+        (lambda c: c["roles"]["base_small"].update(kv_cache_bytes=0), "roles.base_small.kv_cache_bytes"),
+        (lambda c: c["roles"]["base_small"].update(max_seq_len=0), "roles.base_small.max_seq_len"),
+        (lambda c: c["roles"]["base_small"].update(max_cached_tokens=100), "roles.base_small.max_cached_tokens"),  # gone: refused
         (lambda c: c["roles"]["base_small"].update(session_idle_s=0), "roles.base_small.session_idle_s"),
         (lambda c: c["roles"]["base_small"]["ray_actor_options"].update(num_cpu=1), "ray_actor_options.num_cpu"),
         (lambda c: c["roles"].update(helper={"model": "x"}), "role 'helper'"),

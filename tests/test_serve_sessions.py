@@ -20,9 +20,10 @@ from typing import Iterator
 import pytest
 
 from conftest import ServedEnsemble, areplica_stats
-from eft_router.decoder import Engine
-from eft_router.serve_backend import RoleUnavailable, ServeRole
-from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
+from eft_router.engine import Engine, GenerationRequest
+from eft_router.roles.interface import ScoreItem
+from eft_router.roles.serve import RoleUnavailable, ServeRole
+from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
 
 IDLE_S = 1.0
 # Long enough to be mid-way whenever the test cancels (it cancels after the first block).
@@ -43,12 +44,12 @@ async def start_and_cancel(
 ) -> None:
     """Stream a long generation in a task, check that every role holds its session once the
     first block is out, then cancel the task ``cancels`` times: the later ones reach it
-    while it releases (its ``finally`` runs in the step right after the first cancel)."""
+    while it leaves (the engine releases it in the step after the first cancel)."""
     prompt = engine.tokenizer("w21 w22 w23")["input_ids"]
     first_block = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in engine.stream(prompt, sampling=LONG, speculative=SpeculativeParams(k=3), session_id=session_id):
+        async for _ in engine.stream(GenerationRequest(prompt, sampling=LONG, speculative=SpeculativeParams(k=3), session_id=session_id)):
             first_block.set()
 
     task = asyncio.create_task(consume())
@@ -98,7 +99,7 @@ def idle_role(ray_cluster, tiny_vocab_paths) -> Iterator[ServeRole]:
     deployed from the ensemble config like any role."""
     from ray import serve
 
-    from eft_router.serve_backend import app_name, connect_serve_roles
+    from eft_router.roles.serve import app_name, connect_serve_roles
     from services.app import deploy_ensemble
     from services.config import EnsembleConfig
 
@@ -131,7 +132,7 @@ def test_idle_session_is_freed_without_further_calls(idle_role):
 
     async def scenario() -> tuple[float, float, float]:
         sent = time.monotonic()
-        await idle_role.score(sid, prompt, 1)
+        await idle_role.score([ScoreItem(sid, prompt, 1)])
         returned = time.monotonic()
         assert sid in await idle_role._call("sessions")
         limit = 1.5 * IDLE_S + 3.0  # the sweep's bound plus slack for a loaded machine
@@ -148,8 +149,9 @@ def test_idle_session_is_freed_without_further_calls(idle_role):
 def test_a_role_timing_out_leaves_no_session_on_the_others(served_ensemble, serve_roles, serve_engine, idle_role):
     """A block in which one role's call times out (``timeout_s``, the router's role timeout)
     while the other roles' calls of that block are still queued or running: the session is
-    still freed on every role. The decoder waits for those calls before it releases; a
-    release sent at once would overtake them on the replicas and be undone by them."""
+    still freed on every role. The engine waits for every call of a step before the failed
+    request leaves; a release sent at once would overtake them on the replicas and be
+    undone by them."""
     # ft_idle with an immediate timeout; told the big family's vocabulary size, which the
     # engine requires of every role (the call never gets far enough to matter)
     hasty = ServeRole(replace(idle_role.info, vocab_size=serve_engine.vocab_size), idle_role.handle, timeout_s=1e-6)
@@ -161,7 +163,7 @@ def test_a_role_timing_out_leaves_no_session_on_the_others(served_ensemble, serv
 
         async def scenario() -> None:
             with pytest.raises(RoleUnavailable, match="'ft_idle'.*TimeoutError"):
-                await engine.generate(prompt, eft=eft, sampling=LONG, speculative=SpeculativeParams(k=0), session_id=sid)
+                await engine.generate(GenerationRequest(prompt, eft=eft, sampling=LONG, speculative=SpeculativeParams(k=0), session_id=sid))
             await wait_freed(served_ensemble, serve_roles, sid, within_s=1.0)
 
         asyncio.run(scenario())

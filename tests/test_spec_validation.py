@@ -10,10 +10,11 @@ import random
 import pytest
 import torch
 
-from eft_router.decoder import Engine
-from eft_router.spec import MAX_NEW_TOKENS, MAX_SPECULATIVE_K, EFTSpec, SamplingParams, SpecError, SpeculativeParams
+from eft_router.roles.interface import ScoreItem
+from eft_router.engine import Engine, GenerationRequest, ScoreRequest
+from eft_router.core.spec import MAX_NEW_TOKENS, MAX_SPECULATIVE_K, EFTSpec, SamplingParams, SpecError, SpeculativeParams
 from eft_router.tiny import TinyModel, build_tiny_family, tiny_tokenizer
-from eft_router.vocab import VocabularyMismatch, check_shared_vocabulary
+from eft_router.core.vocab import VocabularyMismatch, check_shared_vocabulary
 
 PROMPT = [3, 4, 5]  # "w1 w2 w3"
 CONTEXT = 512  # the conftest family's context length
@@ -28,7 +29,7 @@ def gen(engine, prompt=PROMPT, eft=None, sampling=None, speculative=None):
         kwargs["sampling"] = sampling() if callable(sampling) else sampling
     if speculative is not None:
         kwargs["speculative"] = speculative() if callable(speculative) else speculative
-    return asyncio.run(engine.generate(prompt, **kwargs))
+    return asyncio.run(engine.generate(GenerationRequest(prompt, **kwargs)))
 
 
 def nan_delta():
@@ -178,17 +179,17 @@ CASES = {
         ["'ft_nope'", "base_large", "ft_small"],
     ),
     "score_empty_continuation": (
-        lambda e: asyncio.run(e.score(PROMPT, [], EFTSpec())),
+        lambda e: asyncio.run(e.score(ScoreRequest(PROMPT, [], EFTSpec()))),
         "continuation_ids",
         ["at least one token"],
     ),
     "score_unknown_delta": (
-        lambda e: asyncio.run(e.score(PROMPT, [5], EFTSpec(deltas={"ft_nope": 1.0}))),
+        lambda e: asyncio.run(e.score(ScoreRequest(PROMPT, [5], EFTSpec(deltas={"ft_nope": 1.0})))),
         "eft.deltas.ft_nope",
         ["not served"],
     ),
     "score_over_context_length": (
-        lambda e: asyncio.run(e.score(PROMPT, [5] * (CONTEXT - len(PROMPT) + 1), EFTSpec())),
+        lambda e: asyncio.run(e.score(ScoreRequest(PROMPT, [5] * (CONTEXT - len(PROMPT) + 1), EFTSpec()))),
         "continuation_ids",
         [f"context length {CONTEXT}"],
     ),
@@ -205,7 +206,7 @@ def baseline(engine):
 
 
 def sessions(engine) -> int:
-    return sum(len(role.worker.caches) for role in engine.roles.values())
+    return sum(len(role.worker.sessions) for role in engine.roles.values())
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -329,9 +330,10 @@ def test_padded_embedding_rows_are_trimmed(tmp_path):
 
     async def rows():
         try:
-            return await eng.roles["base_large"].score("s", ids, 1)
+            (rows,) = await eng.roles["base_large"].score([ScoreItem("s", ids, len(ids))])
+            return rows
         finally:
-            await eng.roles["base_large"].release("s")
+            await eng.roles["base_large"].release(["s"])
 
     lp = asyncio.run(rows())
     assert lp.shape == (len(ids), V)
@@ -345,5 +347,5 @@ def test_padded_embedding_rows_are_trimmed(tmp_path):
     # and the engine samples/scores over exactly V tokens with that role in the mix
     out = gen(eng, prompt=[2, 3], sampling=SamplingParams(seed=1, max_new_tokens=8))
     assert all(0 <= t < V for t in out.token_ids)
-    res = asyncio.run(eng.score([2, 3], [4, 5, 6], EFTSpec()))
+    res = asyncio.run(eng.score(ScoreRequest([2, 3], [4, 5, 6], EFTSpec())))
     assert all(math.isfinite(x) and x <= 0 for x in res.logprobs)

@@ -8,12 +8,11 @@ the output is the product of p along the path. EOS ends generation, so an output
 at EOS is a cell of its own (length < 3). The engine's samples (``engine.generate`` with
 seed i, speculative k = 2: block one drafts 2 tokens, and the blocks after it draft
 what is left) must pass a G-test against that law; so must drafts ended early by the
-drafter's confidence, and plain EFT (k = 0); and two
-deliberately wrong acceptance rules, patched into the decoder, must fail it, which shows
-that the sample sizes have power.
-
-Runtime (2 shared cores, one torch thread, about 2.5 ms per sample): about 3 minutes in
-all, 50-55 s per 20000-sample configuration.
+drafter's confidence, and plain EFT (k = 0); and two deliberately wrong acceptance rules,
+patched into the engine, must fail it, which shows that the sample sizes have power.
+Every sample shares the engine's steps with dozens of others (:data:`CONCURRENT` in
+flight), so the test also shows that a request's law does not depend on what it is batched
+with.
 """
 
 from __future__ import annotations
@@ -29,13 +28,15 @@ import torch
 from scipy.stats import power_divergence
 from transformers import AutoModelForCausalLM
 
-import eft_router.decoder as decoder_module
-from eft_router.combine import combine
-from eft_router.sampling import sample_from, sampling_probs
-from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
-from eft_router.speculative import BlockOutcome
+import eft_router.engine.engine as engine_module
+from eft_router.core.acceptance import BlockOutcome
+from eft_router.core.combine import combine
+from eft_router.core.sampling import sample_from, sampling_probs
+from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
+from eft_router.engine import GenerationRequest
 
 MAX_NEW = 3
+CONCURRENT = 48  # requests in flight at once: every sample shares its steps with others
 N_PLAIN = 5_000  # plain EFT is checked with fewer samples: it is the reference behaviour
 N_WRONG = 5_000  # the wrong rules are far enough off that 5000 samples reject them
 N_CONFIDENCE = 10_000
@@ -113,19 +114,26 @@ def g_test(counts: Counter, law: dict, min_expected: float = 5.0) -> float:
 def engine_samples(
     engine, prompt: Sequence[int], n: int, speculative: SpeculativeParams, sampling: dict
 ) -> tuple[Counter, float, float, float]:
-    """Outputs of ``engine.generate`` for seeds 0..n-1 (one event loop for all): counts per
-    output, the drafted-token acceptance rate, drafts per block, and seconds per sample."""
+    """Outputs of ``engine.generate`` for seeds 0..n-1, :data:`CONCURRENT` requests at a time
+    sharing the engine's steps (one event loop for all): counts per output, the
+    drafted-token acceptance rate, drafts per block, and seconds per sample."""
 
     async def run() -> tuple[Counter, int, int, int]:
+        in_flight = asyncio.Semaphore(CONCURRENT)
+
+        async def one(seed: int):
+            async with in_flight:
+                out = await engine.generate(GenerationRequest(
+                    prompt,
+                    sampling=SamplingParams(seed=seed, max_new_tokens=MAX_NEW, stop_token_ids=(), **sampling),
+                    speculative=speculative,
+                ))
+            assert out.stats.seed == seed
+            return out
+
         counts: Counter = Counter()
         accepted = drafted = blocks = 0
-        for seed in range(n):
-            out = await engine.generate(
-                prompt,
-                sampling=SamplingParams(seed=seed, max_new_tokens=MAX_NEW, stop_token_ids=(), **sampling),
-                speculative=speculative,
-            )
-            assert out.stats.seed == seed
+        for out in await asyncio.gather(*map(one, range(n))):
             counts[tuple(out.token_ids)] += 1
             accepted += out.stats.accepted_tokens
             drafted += out.stats.drafted_tokens
@@ -202,10 +210,22 @@ def test_the_law_has_enough_cells(setup) -> None:
 # -- power: wrong acceptance rules must fail the same test -----------------------------------
 
 
+def per_block(rule: Callable) -> Callable:
+    """A rule for one block as a drop-in for ``accept_blocks`` (each row in turn)."""
+
+    def batched(target, draft_probs, draft_tokens, num_drafts, accept_uniforms, final_uniforms) -> list[BlockOutcome]:
+        return [
+            rule(target[b], draft_probs[b], draft_tokens[b, :n].tolist(), accept_uniforms[b].tolist(), float(final_uniforms[b]))
+            for b, n in enumerate(num_drafts.tolist())
+        ]
+
+    return batched
+
+
 def accept_everything(target, draft_probs, draft_tokens, accept_uniforms, final_uniform) -> BlockOutcome:
     """Wrong: every draft is accepted, then a bonus from the last target row."""
     k = len(draft_tokens)
-    return BlockOutcome(list(draft_tokens) + [sample_from(target[k], final_uniform)], k)
+    return BlockOutcome(list(draft_tokens) + [int(sample_from(target[k], final_uniform))], k)
 
 
 def residual_is_target(target, draft_probs, draft_tokens, accept_uniforms, final_uniform) -> BlockOutcome:
@@ -214,13 +234,13 @@ def residual_is_target(target, draft_probs, draft_tokens, accept_uniforms, final
     for t, token in enumerate(draft_tokens):
         if accept_uniforms[t] * float(draft_probs[t, token]) < float(target[t, token]):
             continue
-        return BlockOutcome(list(draft_tokens[:t]) + [sample_from(target[t], final_uniform)], t)
+        return BlockOutcome(list(draft_tokens[:t]) + [int(sample_from(target[t], final_uniform))], t)
     k = len(draft_tokens)
-    return BlockOutcome(list(draft_tokens) + [sample_from(target[k], final_uniform)], k)
+    return BlockOutcome(list(draft_tokens) + [int(sample_from(target[k], final_uniform))], k)
 
 
 @pytest.mark.parametrize("rule", [accept_everything, residual_is_target], ids=lambda r: r.__name__)
 def test_wrong_acceptance_rules_are_detected(setup, monkeypatch, rule: Callable) -> None:
-    monkeypatch.setattr(decoder_module, "accept_block", rule)
+    monkeypatch.setattr(engine_module, "accept_blocks", per_block(rule))
     pvalue, _, _ = check(setup, "T1", N_WRONG, k=2)
     assert pvalue < 1e-6

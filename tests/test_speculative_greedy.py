@@ -5,12 +5,13 @@ stop token changes no seed's output."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
-from eft_router.decoder import Engine
-from eft_router.local import LocalRole
-from eft_router.spec import EFTSpec, SamplingParams, SpeculativeParams
+from eft_router.engine import Engine, GenerationRequest
+from eft_router.roles.local import LocalRole
+from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
 
 PROMPTS = ["w1 w2 w3", "w7", "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "w30 w31 w30 w31"]
 SPECS = {
@@ -24,7 +25,7 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
 def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, **kwargs):
     ids = prompt if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
     speculative = SpeculativeParams(k=k, confidence=confidence)
-    return asyncio.run(engine.generate(ids, eft=eft, sampling=sampling, speculative=speculative, **kwargs))
+    return asyncio.run(engine.generate(GenerationRequest(ids, eft=eft, sampling=sampling, speculative=speculative, **kwargs)))
 
 
 @pytest.mark.parametrize("spec", list(SPECS), ids=list(SPECS))
@@ -56,16 +57,16 @@ def test_shared_prefix_with_a_live_session_and_multi_turn(engine):
     exactly what a cold start gives."""
     first = engine.tokenizer("w1 w2 w3 w4 w5 w6")["input_ids"]
     cold = {k: run(engine, first + [20, 21], k=k) for k in (0, 3)}
-    run(engine, first, k=3, session_id="turn", release=False)  # leaves session "turn" cached
+    run(engine, first, k=3, session_id="turn", keep_session=True)  # leaves session "turn" cached
     worker = engine.roles["base_large"].worker
-    assert "turn" in worker.caches
+    assert "turn" in worker.sessions
     for k in (0, 3):
         assert run(engine, first + [20, 21], k=k).token_ids == cold[k].token_ids
-    one = run(engine, first, k=3, session_id="turn", release=False)
+    one = run(engine, first, k=3, session_id="turn", keep_session=True)
     follow = first + one.token_ids + [22, 23]
     cold_follow = run(engine, follow, k=3)
     assert run(engine, follow, k=3, session_id="turn").token_ids == cold_follow.token_ids
-    assert "turn" not in worker.caches  # released at the end of the last turn
+    assert "turn" not in worker.sessions  # released at the end of the last turn
 
 
 def test_stop_token_in_the_middle_of_a_block(engine):
@@ -84,8 +85,8 @@ def test_stop_token_in_the_middle_of_a_block(engine):
 class DraftsPastStops(LocalRole):
     """The drafter as it was before drafts ended at stop tokens: always k drafts."""
 
-    async def draft(self, session_id, token_ids, k, sampling, uniforms, stop_ids=(), confidence=0.0):
-        return self.worker.draft(session_id, token_ids, k, sampling, uniforms, (), confidence)
+    async def draft(self, items):
+        return self.worker.draft([replace(it, params=replace(it.params, stop_ids=frozenset())) for it in items])
 
 
 def test_drafts_end_at_a_stop_token_and_the_output_is_the_same(engine):
@@ -128,7 +129,7 @@ def test_stop_string_and_max_tokens_in_the_middle_of_a_block(engine):
 def test_stream_yields_blocks_that_add_up(engine):
     async def collect():
         ids = engine.tokenizer(PROMPTS[0])["input_ids"]
-        return [c async for c in engine.stream(ids, sampling=GREEDY, speculative=SpeculativeParams(k=4))]
+        return [c async for c in engine.stream(GenerationRequest(ids, sampling=GREEDY, speculative=SpeculativeParams(k=4)))]
 
     chunks = asyncio.run(collect())
     whole = run(engine, PROMPTS[0], k=4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eft_router.stopping import LENGTH, STOP, StopChecker
+from eft_router.core.stopping import LENGTH, STOP, StopChecker
 from eft_router.tiny import tiny_tokenizer
 
 TOK = tiny_tokenizer(["a", "b", "c", "ab", "ba"])

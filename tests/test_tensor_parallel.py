@@ -27,9 +27,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from conftest import WORDS
-from eft_router.decoder import Engine
-from eft_router.spec import SamplingParams, SpeculativeParams
+from conftest import KV_CACHE_BYTES, WORDS
+from eft_router.core.spec import SamplingParams, SpeculativeParams
+from eft_router.engine import Engine, GenerationRequest
+from eft_router.roles.interface import DraftItem, DraftParams, ScoreItem
 from eft_router.tiny import TinyModel, build_tiny_family
 
 SHARDED = "base_large"
@@ -44,7 +45,7 @@ def tp_config(paths: dict[str, str]):
         "model": paths[SHARDED],
         "tp_size": 2,
         "ray_actor_options": {"num_cpus": 0.5},
-        "max_cached_tokens": 2048,
+        "kv_cache_bytes": KV_CACHE_BYTES,
         # Serve's own periodic check must not replace the replica while the last test probes it
         "health_check_period_s": 600,
     }
@@ -61,7 +62,7 @@ def paths(family_paths, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def reference(paths) -> Engine:
     """The in-process engine over the same models, unsharded."""
-    return Engine.local(paths)
+    return Engine.local(paths, kv_cache_bytes=KV_CACHE_BYTES)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def serve_roles(ray_cluster, paths, shm_before):
     cluster, deleted after the module."""
     from ray import serve
 
-    from eft_router.serve_backend import connect_serve_roles
+    from eft_router.roles.serve import connect_serve_roles
     from services.app import deploy_ensemble
 
     config = tp_config(paths)
@@ -95,17 +96,18 @@ def test_sharded_logprobs_equal_unsharded(serve_roles, reference, shm_before):
     long = ids(reference, " ".join(f"w{(7 * i) % 60}" for i in range(96)))
     sid = "tp-" + uuid.uuid4().hex
     try:
-        for n, start in ((60, 40), (len(long), 61), (len(long), 3)):  # fresh, cache reuse, cache crop
-            remote = asyncio.run(role.score(sid, long[:n], start))
-            torch.testing.assert_close(remote, worker.score("ref-" + sid, long[:n], start), atol=1e-5, rtol=0)
-        sampling, uniforms = SamplingParams(temperature=0.8, top_p=0.9), [0.1, 0.5, 0.93, 0.3]
-        remote = asyncio.run(role.draft(sid, long[:12], 4, sampling, uniforms))
-        local = worker.draft("ref-" + sid, long[:12], 4, sampling, uniforms)
+        for n, start in ((60, 40), (len(long), 61), (len(long), 3)):  # fresh, cache reuse, cache roll-back
+            (remote,) = asyncio.run(role.score([ScoreItem(sid, long[:n], n - start + 1)]))
+            (local,) = worker.score([ScoreItem("ref-" + sid, long[:n], n - start + 1)])
+            torch.testing.assert_close(remote, local, atol=1e-5, rtol=0)
+        params, uniforms = DraftParams(temperature=0.8, top_p=0.9), [0.1, 0.5, 0.93, 0.3]
+        (remote,) = asyncio.run(role.draft([DraftItem(sid, long[:12], 4, params, uniforms)]))
+        (local,) = worker.draft([DraftItem("ref-" + sid, long[:12], 4, params, uniforms)])
         assert remote.tokens == local.tokens
         torch.testing.assert_close(remote.logprobs, local.logprobs, atol=1e-5, rtol=0)
     finally:
-        asyncio.run(role.release(sid))
-        worker.release("ref-" + sid)
+        asyncio.run(role.release([sid]))
+        worker.release(["ref-" + sid])
     stats = asyncio.run(role._call("stats"))  # rank 0's caches: the release reached the ranks
     assert stats["sessions"] == [] and stats["cached_tokens"] == 0
     assert set(glob.glob(SHM_BUFFERS)) <= shm_before  # gloo all-reduce: no shared-memory buffers
@@ -116,8 +118,8 @@ def test_greedy_generation_equals_in_process(serve_roles, reference, k):
     served = Engine({**reference.roles, **serve_roles}, reference.tokenizer)  # base_large through Serve
     kwargs = dict(sampling=SamplingParams(temperature=0.0, max_new_tokens=16), speculative=SpeculativeParams(k=k))
     for prompt in ("w1 w2 w3", "w30 w31 w30 w31 w5"):
-        local = asyncio.run(reference.generate(ids(reference, prompt), **kwargs))
-        remote = asyncio.run(served.generate(ids(reference, prompt), **kwargs))
+        local = asyncio.run(reference.generate(GenerationRequest(ids(reference, prompt), **kwargs)))
+        remote = asyncio.run(served.generate(GenerationRequest(ids(reference, prompt), **kwargs)))
         assert remote.token_ids == local.token_ids, prompt
 
 
@@ -125,7 +127,7 @@ def test_dead_rank_fails_fast_and_fails_health_check(serve_roles):
     """Last in the module: it leaves base_large's replica broken."""
     import ray
 
-    from eft_router.serve_backend import RoleFailed
+    from eft_router.roles.serve import RoleFailed
 
     named = ray.util.list_named_actors(all_namespaces=True)
     (victim,) = [a for a in named if a["name"].startswith(f"tp-{SHARDED}-") and a["name"].endswith("-rank1")]
@@ -134,7 +136,7 @@ def test_dead_rank_fails_fast_and_fails_health_check(serve_roles):
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
     started = time.monotonic()
     with pytest.raises(RoleFailed, match=f"'{SHARDED}'.*rank 1 failed"):
-        asyncio.run(role.score("dead-rank", list(range(2, 20)), 2))
+        asyncio.run(role.score([ScoreItem("dead-rank", list(range(2, 20)), 2)]))
     assert time.monotonic() - started < 10  # not the 60 s collective timeout
     with pytest.raises(RoleFailed, match=f"'{SHARDED}'.*rank 1 failed"):
         asyncio.run(role._call("check_health"))

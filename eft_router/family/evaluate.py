@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..decoder import Engine
-from ..spec import EFTSpec, SamplingParams, SpeculativeParams
+from ..core.spec import EFTSpec, SamplingParams, SpeculativeParams
+from ..engine import Engine, GenerationRequest
 from .metrics import is_factual, is_harmless, is_helpful, is_refusal, wilson_interval
 from .world import EvalPrompt, build_world, chat_messages, eval_prompts
 
@@ -86,11 +86,16 @@ def _prompt_ids(engine: Engine, question: str) -> list[int]:
 async def score_config(
     engine: Engine, prompts: Sequence[EvalPrompt], eft: EFTSpec, temperature: float, cfg: EvalConfig
 ) -> dict[str, Scored]:
-    """Generate an answer to every prompt and grade it."""
+    """Generate an answer to every prompt (all at once: they share the engine's steps) and grade it."""
     outcomes: dict[str, list[bool]] = {m: [] for m in METRICS}
-    for i, prompt in enumerate(prompts):
-        sampling = SamplingParams(temperature=temperature, seed=cfg.seed + i, max_new_tokens=cfg.max_new_tokens)
-        g = await engine.generate(_prompt_ids(engine, prompt.question), eft=eft, sampling=sampling)
+    requests = [
+        GenerationRequest(
+            _prompt_ids(engine, prompt.question), eft=eft,
+            sampling=SamplingParams(temperature=temperature, seed=cfg.seed + i, max_new_tokens=cfg.max_new_tokens),
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+    for prompt, g in zip(prompts, await asyncio.gather(*map(engine.generate, requests))):
         # helpfulness is over every prompt and a refusal is not helpful: the helpful model's
         # eagerness to answer everything is what the safe delta trades against
         outcomes["helpfulness"].append(is_helpful(g.text, g.finish_reason, prompt) and not is_refusal(g.text))
@@ -124,7 +129,7 @@ async def speculative_section(engine: Engine, prompts: Sequence[EvalPrompt], cfg
         for name, (eft, k) in configs.items():
             t = time.perf_counter()
             g = await engine.generate(
-                ids, eft=eft, sampling=sampling, speculative=SpeculativeParams(k=k), diagnostics=name == "plain EFT"
+                GenerationRequest(ids, eft=eft, sampling=sampling, speculative=SpeculativeParams(k=k), diagnostics=name == "plain EFT")
             )
             row = totals[name]
             row[0] += time.perf_counter() - t

@@ -23,6 +23,8 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from ..engine.scheduler import SchedulerConfig
+
 DEFAULT_PORT = 50051
 
 
@@ -53,7 +55,10 @@ class RouterConfig(_Strict):
     backend: Literal["serve", "local"] = "serve"  # roles as Serve deployments, or in the router's process
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)  # 0: any free port
-    max_concurrent_requests: int = Field(default=64, ge=1)
+    max_concurrent_requests: int = Field(default=256, ge=1)  # calls in flight, beyond it RESOURCE_EXHAUSTED
+    max_num_seqs: int = Field(default=64, ge=1)  # requests the engine runs at once (also bounded by the roles' KV slots)
+    max_num_batched_tokens: int = Field(default=512, ge=1)  # tokens one step feeds the roles; longer prompts are chunked
+    max_queued_requests: int = Field(default=256, ge=1)  # requests waiting for admission, beyond it RESOURCE_EXHAUSTED
     max_message_bytes: int = Field(default=4 << 20, ge=1024, le=1 << 30)
     grace_s: float = Field(default=5.0, ge=0)  # in-flight work gets this long at shutdown
     role_timeout_s: float | None = Field(default=120.0, gt=0)  # per role call (Serve backend)
@@ -68,6 +73,9 @@ class RouterConfig(_Strict):
         if self.auth_token_file is not None and not self.auth_token_file.is_file():
             raise ValueError(f"auth_token_file: no such file: {self.auth_token_file}")
         return self
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_queued_requests)
 
     def tokens(self) -> list[str]:
         """Every accepted bearer token (empty: authentication is off)."""

@@ -15,7 +15,7 @@ class VocabularyMismatch(ValueError):
     pass
 
 
-def _differences(ref: dict[str, int], other: dict[str, int]) -> list[str]:
+def differences(ref: dict[str, int], other: dict[str, int]) -> list[str]:
     by_id_ref = {i: t for t, i in ref.items()}
     by_id_other = {i: t for t, i in other.items()}
     out = []
@@ -37,7 +37,7 @@ def check_shared_vocabulary(tokenizers: Mapping[str, PreTrainedTokenizerBase]) -
     for role, tok in rest:
         vocab = tok.get_vocab()
         if vocab != ref_vocab:
-            diffs = _differences(ref_vocab, vocab)
+            diffs = differences(ref_vocab, vocab)
             raise VocabularyMismatch(
                 f"role {role!r} does not share role {ref_role!r}'s vocabulary "
                 f"({len(vocab)} vs {len(ref_vocab)} tokens); first differences: " + "; ".join(diffs)

@@ -1,11 +1,13 @@
-"""The ``eft.v1.EFTService`` handlers: gRPC requests in, the engine's decoder, gRPC replies out.
+"""The ``eft.v1.EFTService`` handlers: gRPC requests in, the engine, gRPC replies out.
 
-Each request is one engine session. Whatever ends a call (the last token, an error, the
-client cancelling or disconnecting, the deadline) ends the engine's stream, whose
-``finally`` releases the session on every role. Failures map to gRPC statuses in one place
+Each request is one engine request (one session on every role it touches). Whatever ends a
+call (the last token, an error, the client cancelling or disconnecting, the deadline) ends
+the engine's stream, and the request leaves the engine's next step, which releases its
+session on every role. Failures map to gRPC statuses in one place
 (:meth:`EFTServicer._request`): a bad field is INVALID_ARGUMENT naming it, a role that cannot
-be reached or fails is UNAVAILABLE naming the role, the concurrency limit is
-RESOURCE_EXHAUSTED; anything else is INTERNAL and logged, and never reaches other requests.
+be reached or fails is UNAVAILABLE naming the role, the concurrency limit and a full engine
+queue are RESOURCE_EXHAUSTED; anything else is INTERNAL and logged, and never reaches other
+requests.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from typing import AsyncIterator
 import grpc
 
 from . import messages
-from .api import eft_pb2 as pb
-from .api import eft_pb2_grpc
-from .decoder import Engine, GenerationStats
+from ..api import eft_pb2 as pb
+from ..api import eft_pb2_grpc
+from ..core.spec import MAX_NEW_TOKENS, MAX_SPECULATIVE_K, PRESETS, SpecError
+from ..engine import Engine, GenerationStats, QueueFull
+from ..roles.interface import RoleError
 from .messages import RequestDefaults
-from .serve_backend import RoleError
-from .spec import MAX_NEW_TOKENS, MAX_SPECULATIVE_K, PRESETS, SpecError
-from .telemetry import Metrics
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
             code, message = err.code, err.message
         except SpecError as err:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, messages.wire_error(err)
+        except QueueFull as err:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
         except RoleError as err:
             log.warning("%s: %s", method, err)
             code, message = grpc.StatusCode.UNAVAILABLE, str(err)
@@ -104,15 +108,12 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
             self.metrics.accepted.inc(stats.accepted_tokens)
             self.metrics.acceptance.observe(stats.acceptance_rate)
 
-    def _generate_args(self, request: pb.GenerateRequest) -> messages.GenerateArgs:
-        return messages.generate_args(request, self.engine.tokenizer, self.engine.vocab_size, self.defaults)
+    def _generation(self, request: pb.GenerateRequest):
+        return messages.generation_request(request, self.engine.tokenizer, self.engine.vocab_size, self.defaults)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._request("Generate", context):
-            a = self._generate_args(request)
-            g = await self.engine.generate(
-                a.prompt_ids, eft=a.eft, sampling=a.sampling, speculative=a.speculative, diagnostics=a.diagnostics
-            )
+            g = await self.engine.generate(self._generation(request))
             self._record(g.stats)
             return messages.generate_response(g)
 
@@ -120,11 +121,9 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with self._request("GenerateStream", context):
-            a = self._generate_args(request)
+            generation = self._generation(request)
             started, first = time.perf_counter(), True
-            stream = self.engine.stream(
-                a.prompt_ids, eft=a.eft, sampling=a.sampling, speculative=a.speculative, diagnostics=a.diagnostics
-            )
+            stream = self.engine.stream(generation)
             try:
                 async for chunk in stream:
                     if first and chunk.token_ids:
@@ -134,14 +133,12 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
                         self._record(chunk.stats)
                     yield messages.stream_response(chunk)
             finally:
-                await stream.aclose()  # release the session now, not when the generator is collected
+                await stream.aclose()  # leave the engine now, not when the generator is collected
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._request("Score", context):
-            prompt = messages.prompt_ids(request.prompt, self.engine.tokenizer, self.engine.vocab_size)
-            cont = messages.continuation_ids(request, self.engine.tokenizer, self.engine.vocab_size)
-            result = await self.engine.score(prompt, cont, messages.eft_spec(request.eft, self.defaults.eft))
-            return messages.score_response(result)
+            score = messages.score_request_of(request, self.engine.tokenizer, self.engine.vocab_size, self.defaults)
+            return messages.score_response(await self.engine.score(score))
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
         async with self._request("GetInfo", context, limited=False):

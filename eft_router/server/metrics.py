@@ -7,13 +7,12 @@ collide); ``RouterConfig.metrics_port`` serves it over HTTP for Prometheus to sc
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Collection, Sequence, TypeVar
+from typing import Awaitable, Sequence, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .roles import Draft, Role
-from .spec import SamplingParams
+from ..roles.interface import Draft, DraftItem, Role, ScoreItem
 
 T = TypeVar("T")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -21,7 +20,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 class Metrics:
     """The router's metrics: requests by method and status, tokens, time to first token,
-    per-role call latency, speculative drafts and acceptances, active sessions."""
+    per-role call latency, speculative drafts and acceptances, active sessions, and the
+    scheduler's steps (their duration and how many requests shared them)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -38,6 +38,11 @@ class Metrics:
             "eft_speculative_acceptance_rate", "Per-request acceptance rate", buckets=[i / 10 for i in range(11)], registry=r
         )
         self.active = Gauge("eft_active_sessions", "Requests (sessions) in flight", registry=r)
+        self.step_seconds = Histogram("eft_step_seconds", "Duration of one engine step", buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_requests = Histogram(
+            "eft_step_requests", "Requests advanced by one engine step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.waiting = Gauge("eft_waiting_requests", "Requests queued for admission to the engine", registry=r)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A metric's current value (0 when never observed): for tests and the demo."""
@@ -51,7 +56,6 @@ class TimedRole:
     def __init__(self, role: Role, metrics: Metrics) -> None:
         self.role = role
         self.info = role.info
-        self.inline = getattr(role, "inline", False)
         self._timers = {call: metrics.role_latency.labels(role.info.name, call) for call in ("score", "draft", "release")}
 
     async def _timed(self, call: str, result: Awaitable[T]) -> T:
@@ -61,14 +65,11 @@ class TimedRole:
         finally:
             self._timers[call].observe(time.perf_counter() - started)
 
-    async def score(self, session_id: str, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        return await self._timed("score", self.role.score(session_id, token_ids, start))
+    async def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
+        return await self._timed("score", self.role.score(items))
 
-    async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (), confidence: float = 0.0,
-    ) -> Draft:
-        return await self._timed("draft", self.role.draft(session_id, token_ids, k, sampling, uniforms, stop_ids, confidence))
+    async def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
+        return await self._timed("draft", self.role.draft(items))
 
-    async def release(self, session_id: str) -> None:
-        await self._timed("release", self.role.release(session_id))
+    async def release(self, session_ids: Sequence[str]) -> None:
+        await self._timed("release", self.role.release(session_ids))

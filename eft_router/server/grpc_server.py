@@ -1,9 +1,10 @@
 """The gRPC router: ``eft.v1.EFTService`` over an :class:`Engine`, with the standard health and
 reflection services, optional TLS and bearer-token authentication, limits and metrics.
 
-The backend (Ray Serve deployments or in-process roles) is whatever the engine's roles are;
-the router only wraps each role to time its calls. Health is NOT_SERVING until every role
-has answered a probe, and is kept current by probing every ``health_interval_s``.
+The backend (Ray Serve deployments or in-process roles) is whatever the roles are; the
+router builds its engine over them, each role wrapped to time its calls, with the scheduler
+limits of its config. Health is NOT_SERVING until every role has answered a probe, and is
+kept current by probing every ``health_interval_s``.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import logging
 import threading
 import uuid
 from concurrent.futures import Future
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from transformers import PreTrainedTokenizerBase
 
-from .api import eft_pb2, eft_pb2_grpc
+from ..api import eft_pb2, eft_pb2_grpc
+from ..core.spec import FT_SMALL
+from ..engine import Engine, StepStats
+from ..roles.interface import Role
 from .auth import BearerAuthInterceptor
-from .decoder import Engine
+from .config import RouterConfig
 from .messages import RequestDefaults
-from .router_config import RouterConfig
+from .metrics import Metrics, TimedRole
 from .servicer import EFTServicer
-from .telemetry import Metrics, TimedRole
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +50,22 @@ def _credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
 
 
 class Router:
-    """One gRPC server. ``start`` binds and serves; ``stop`` drains within the grace period."""
+    """One gRPC server over an engine on ``roles``. ``start`` binds and serves; ``stop``
+    drains within the grace period."""
 
-    def __init__(self, engine: Engine, config: RouterConfig = RouterConfig(), defaults: RequestDefaults = RequestDefaults(), backend: str = "local") -> None:
+    def __init__(
+        self,
+        roles: Mapping[str, Role],
+        tokenizer: PreTrainedTokenizerBase,
+        config: RouterConfig = RouterConfig(),
+        defaults: RequestDefaults = RequestDefaults(),
+        backend: str = "local",
+        drafter: str | None = FT_SMALL,
+    ) -> None:
         self.config = config
         self.metrics = Metrics()
-        roles = {name: TimedRole(role, self.metrics) for name, role in engine.roles.items()}
-        self.engine = Engine(roles, engine.tokenizer, engine.default_drafter)
+        timed = {name: TimedRole(role, self.metrics) for name, role in roles.items()}
+        self.engine = Engine(timed, tokenizer, drafter, config.scheduler(), on_step=self._observe)
         self.servicer = EFTServicer(
             self.engine, defaults, self.metrics, backend, config.max_concurrent_requests, config.max_message_bytes
         )
@@ -90,13 +103,18 @@ class Router:
         log.info("EFT router serving on %s (port %d, %s)", self.config.host, self.port, "TLS" if credentials else "plaintext")
         return self.port
 
+    def _observe(self, step: StepStats) -> None:
+        self.metrics.step_seconds.observe(step.seconds)
+        self.metrics.step_requests.observe(step.requests)
+        self.metrics.waiting.set(step.waiting)
+
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
     async def _probe_roles(self, raise_errors: bool = False) -> None:
         """A no-op call (releasing a session that does not exist) through every role."""
-        probes = [role.release(HEALTH_PROBE_SESSION) for role in self.engine.roles.values()]
+        probes = [role.release([HEALTH_PROBE_SESSION]) for role in self.engine.roles.values()]
         try:
             await asyncio.wait_for(asyncio.gather(*probes), self.config.health_interval_s * 6)
         except Exception:
@@ -120,6 +138,7 @@ class Router:
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+        await self.engine.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -1,7 +1,7 @@
 """Python clients of the EFT router: :class:`EFTClient` (blocking) and :class:`AsyncEFTClient`.
 
 ```python
-from eft_router.client import EFTClient
+from eft_router.server.client import EFTClient
 
 with EFTClient("localhost:50051") as client:
     reply = client.generate("What is the birthplace of Ada Park?", temperature=0, k=4)
@@ -26,10 +26,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import messages
-from .api import eft_pb2 as pb
-from .api import eft_pb2_grpc
+from ..api import eft_pb2 as pb
+from ..api import eft_pb2_grpc
+from .config import DEFAULT_PORT
 from .messages import Prompt
-from .router_config import DEFAULT_PORT
 
 DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 

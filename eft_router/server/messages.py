@@ -13,9 +13,9 @@ from typing import Any, Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from .api import eft_pb2 as pb
-from .decoder import Generation, GenerationStats, ScoreResult, StreamChunk, TokenDiagnostics
-from .spec import EFTSpec, SamplingParams, SpecError, SpeculativeParams
+from ..api import eft_pb2 as pb
+from ..core.spec import EFTSpec, SamplingParams, SpecError, SpeculativeParams
+from ..engine.request import Generation, GenerationRequest, GenerationStats, ScoreRequest, ScoreResult, StreamChunk, TokenDiagnostics
 
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 MAX_STOP_STRINGS = 16
@@ -36,17 +36,6 @@ class RequestDefaults:
     @classmethod
     def from_dicts(cls, eft: dict | None = None, sampling: dict | None = None, speculative: dict | None = None) -> "RequestDefaults":
         return cls(EFTSpec(**(eft or {})), SamplingParams(**(sampling or {})), SpeculativeParams(**(speculative or {})))
-
-
-@dataclass(frozen=True)
-class GenerateArgs:
-    """A validated Generate request: keyword arguments of :meth:`Engine.stream`."""
-
-    prompt_ids: list[int]
-    eft: EFTSpec
-    sampling: SamplingParams
-    speculative: SpeculativeParams
-    diagnostics: bool
 
 
 # -- requests: proto -> engine ---------------------------------------------------------------
@@ -141,15 +130,25 @@ def speculative_params(msg: pb.SpeculativeParams, default: SpeculativeParams) ->
     return replace(default, **changes) if changes else default
 
 
-def generate_args(
+def generation_request(
     request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase, vocab_size: int, defaults: RequestDefaults
-) -> GenerateArgs:
-    return GenerateArgs(
+) -> GenerationRequest:
+    """The engine's request for a Generate call, with the server's defaults filled in."""
+    return GenerationRequest(
         prompt_ids=prompt_ids(request.prompt, tokenizer, vocab_size),
         eft=eft_spec(request.eft, defaults.eft),
         sampling=sampling_params(request.sampling, defaults.sampling),
         speculative=speculative_params(request.speculative, defaults.speculative),
         diagnostics=request.diagnostics,
+    )
+
+
+def score_request_of(request: pb.ScoreRequest, tokenizer: PreTrainedTokenizerBase, vocab_size: int, defaults: RequestDefaults) -> ScoreRequest:
+    """The engine's request for a Score call."""
+    return ScoreRequest(
+        prompt_ids(request.prompt, tokenizer, vocab_size),
+        continuation_ids(request, tokenizer, vocab_size),
+        eft_spec(request.eft, defaults.eft),
     )
 
 

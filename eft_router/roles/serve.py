@@ -2,25 +2,34 @@
 
 Each role ``r`` is the deployment ``RoleDeployment`` of the Serve application ``eft-r``
 (deployed by ``services.app``). This module reaches it by name through a Serve handle and
-never imports ``services``. Serve and Ray failures become :class:`RoleUnavailable` (the
-role cannot be reached: no application, dead replica, back-pressure, timeout) or
+never imports ``services``. Serve and Ray failures become :class:`RoleUnavailable` (the role
+cannot be reached: no application, dead replica, back-pressure, timeout) or
 :class:`RoleFailed` (the replica raised), both naming the role.
+
+Session affinity with batches: a step's call carries many sessions, and each session's KV
+cache lives on one replica. :func:`owner` (rendezvous hashing of the session id over the live
+replica ids) says which; the call is split into one call per replica, each routed to its
+replica by the deployment's request router, which uses the same function and publishes the
+live replica ids it sees into :data:`REPLICAS` (it runs in this process, inside the handle).
+A call whose sessions moved (a replica joined or left meanwhile) is still correct: the
+replica that gets a session it never saw recomputes its prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
-from typing import Any, Collection, Sequence
+import hashlib
+from typing import Any, Sequence
 
 import torch
 
-from .roles import Draft, RoleInfo
-from .spec import SamplingParams
-from .vocab import MAX_LISTED, VocabularyMismatch, _differences
+from ..core.vocab import MAX_LISTED, VocabularyMismatch, differences
+from .interface import Draft, DraftItem, RoleFailed, RoleInfo, RoleUnavailable, ScoreItem
 
 APP_PREFIX = "eft-"
 DEPLOYMENT_NAME = "RoleDeployment"
+SESSION_METHODS = frozenset({"score", "draft", "release"})  # first argument: the routing key
+REPLICAS: dict[str, tuple[str, ...]] = {}  # Serve application -> its live replica ids, as this process's handles see them
 
 
 def app_name(role: str, prefix: str = APP_PREFIX) -> str:
@@ -28,40 +37,28 @@ def app_name(role: str, prefix: str = APP_PREFIX) -> str:
     return f"{prefix}{role}"
 
 
-class RoleError(RuntimeError):
-    """A call to a served role failed; ``role`` names it, ``cause`` is the underlying error."""
-
-    def __init__(self, role: str, cause: BaseException, what: str, app: str | None = None) -> None:
-        app = app or app_name(role)
-        super().__init__(f"role {role!r} (Serve application {app!r}) {what}: {type(cause).__name__}: {cause}")
-        self.role = role
-        self.cause = cause
+def _weight(key: str, replica_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}\0{replica_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
-class RoleUnavailable(RoleError):
-    """The role could not be reached: not deployed, replicas dead or overloaded, timed out."""
-
-    def __init__(self, role: str, cause: BaseException, app: str | None = None) -> None:
-        super().__init__(role, cause, "is unavailable", app)
-
-
-class RoleFailed(RoleError):
-    """The role's replica raised while handling the call (``cause`` is its exception)."""
-
-    def __init__(self, role: str, cause: BaseException, app: str | None = None) -> None:
-        super().__init__(role, cause, "failed", app)
+def owner(key: str, replica_ids: Sequence[str]) -> str:
+    """The replica that serves ``key`` (a session id): highest random weight. Stable: when a
+    replica joins or leaves, only the sessions that hash to it move."""
+    return max(replica_ids, key=lambda r: _weight(key, r))
 
 
-def _map_error(role: str, err: BaseException, app: str | None = None) -> BaseException:
+def _map_error(role: str, err: BaseException, app: str) -> BaseException:
     """The exception to raise for ``err``; cancellation passes through unchanged."""
     from ray.exceptions import RayTaskError, TaskCancelledError
 
+    where = f"Serve application {app!r}"
     if isinstance(err, (asyncio.CancelledError, TaskCancelledError)):
         return err
     if isinstance(err, RayTaskError):  # user code raised inside the replica
         cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
-        return RoleFailed(role, cause, app)
-    return RoleUnavailable(role, err, app)  # RayServeException, RayActorError, timeouts, ...
+        return RoleFailed(role, cause, where)
+    return RoleUnavailable(role, err, where)  # RayServeException, RayActorError, timeouts, ...
 
 
 def _handle(role: str, app: str) -> Any:
@@ -70,14 +67,15 @@ def _handle(role: str, app: str) -> Any:
     try:
         return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app)
     except Exception as err:
-        raise RoleUnavailable(role, err, app) from err
+        raise RoleUnavailable(role, err, f"Serve application {app!r}") from err
 
 
 class ServeRole:
-    """A :class:`~eft_router.roles.Role` over a Serve deployment handle.
+    """A :class:`~eft_router.roles.interface.Role` over a Serve deployment handle.
 
     ``timeout_s`` bounds each call (None: no bound); a call that times out is cancelled on
-    the replica and raises :class:`RoleUnavailable`.
+    the replica and raises :class:`RoleUnavailable`. Results travel packed: one tensor per
+    call, split here into the items' rows.
     """
 
     def __init__(self, info: RoleInfo, handle: Any, timeout_s: float | None = None, app: str | None = None) -> None:
@@ -101,41 +99,55 @@ class ServeRole:
                 raise
             raise mapped from err
 
-    async def score(self, session_id: str, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        return await self._call("score", session_id, list(token_ids), start)
+    def replicas(self) -> tuple[str, ...]:
+        """The live replica ids this process's handle knows (empty before its first update)."""
+        return REPLICAS.get(self.app, ())
 
-    async def draft(
-        self, session_id: str, token_ids: Sequence[int], k: int, sampling: SamplingParams, uniforms: Sequence[float],
-        stop_ids: Collection[int] = (), confidence: float = 0.0,
-    ) -> Draft:
-        return await self._call("draft", session_id, list(token_ids), k, sampling, list(uniforms), sorted(stop_ids), confidence)
+    def _by_replica(self, keys: Sequence[str]) -> dict[str, list[int]]:
+        """Item indices per routing key: each live replica's sessions, or, before the handle
+        knows its replicas, everything routed by the first session."""
+        replicas = self.replicas()
+        if not replicas:
+            return {keys[0]: list(range(len(keys)))} if keys else {}
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(owner(key, replicas), []).append(i)
+        return groups
 
-    async def release(self, session_id: str) -> None:
-        await self._call("release", session_id)
+    async def _fan_out(self, method: str, items: Sequence[Any], keys: Sequence[str]) -> list[tuple[list[int], Any]]:
+        groups = self._by_replica(keys)
+        replies = await asyncio.gather(
+            *(self._call(method, route, [items[i] for i in where]) for route, where in groups.items()), return_exceptions=True
+        )
+        for reply in replies:  # every call has ended: none stores a cache after the caller moves on
+            if isinstance(reply, BaseException):
+                raise reply
+        return list(zip(groups.values(), replies))
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        for where, (rows, counts) in await self._fan_out("score", items, [it.session_id for it in items]):
+            for i, r in zip(where, torch.split(rows, counts)):
+                out[i] = r
+        return out
+
+    async def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
+        out: list[Draft] = [Draft([], torch.empty(0))] * len(items)
+        for where, (tokens, rows) in await self._fan_out("draft", items, [it.session_id for it in items]):
+            for i, t, r in zip(where, tokens, torch.split(rows, [len(t) + 1 for t in tokens])):
+                out[i] = Draft(t, r)
+        return out
+
+    async def release(self, session_ids: Sequence[str]) -> None:
+        await self._fan_out("release", list(session_ids), list(session_ids))
+
+    async def probe(self, route: str) -> None:
+        """A no-op call (releasing nothing) routed to ``route``: a replica id, or any key."""
+        await self._call("release", route, [])
 
 
 async def _await(response: Any) -> Any:
     return await response
-
-
-def block_bytes(roles: Sequence[str], drafter: str | None, k: int, vocab_size: int) -> dict[str, int]:
-    """Bytes the replicas return for one speculative block of ``k`` drafts: per role, and the
-    sum under ``"total"``. The drafter returns a :class:`Draft` (k tokens and its rows
-    ``[k+1, V]``), every other role its rows ``[k+1, V]``; sizes are of the objects pickled
-    with protocol 5, as Ray ships a replica's result.
-
-    Why this is as compact as exactness allows: every row is needed (the target p_t at all
-    k+1 positions is combined before the first rejection is known), over the whole
-    vocabulary (top-k/top-p and the residual max(0, p - q) read every token), in float32
-    (bfloat16 values near a log-prob of -10 are 0.0625 apart, far beyond 1e-5). So a
-    role's payload is 4 (k+1) V bytes plus a few hundred bytes of pickle framing, provided
-    the tensor owns its storage: a view pickles all of its base tensor (the worker returns
-    a fresh tensor per request, never a slice of the batch's logits).
-    """
-    rows = torch.zeros(k + 1, vocab_size, dtype=torch.float32)
-    draft = Draft(tokens=[vocab_size - 1] * k, logprobs=rows)
-    sizes = {role: len(pickle.dumps(draft if role == drafter else rows, protocol=5)) for role in roles}
-    return {**sizes, "total": sum(sizes.values())}
 
 
 def _check_roles(infos: dict[str, RoleInfo], digests: dict[str, str | None], fetch_vocab, apps: dict[str, str]) -> None:
@@ -151,7 +163,7 @@ def _check_roles(infos: dict[str, RoleInfo], digests: dict[str, str | None], fet
         (ref, ref_digest), *_ = known.items()
         other = next(role for role, d in known.items() if d != ref_digest)
         ref_vocab, other_vocab = fetch_vocab(ref), fetch_vocab(other)
-        diffs = _differences(ref_vocab, other_vocab)[:MAX_LISTED]
+        diffs = differences(ref_vocab, other_vocab)[:MAX_LISTED]
         raise VocabularyMismatch(
             f"role {other!r} does not share role {ref!r}'s vocabulary "
             f"({len(other_vocab)} vs {len(ref_vocab)} tokens); first differences: " + "; ".join(diffs)
@@ -172,7 +184,7 @@ def connect_serve_roles(
     def get(role: str, method: str) -> Any:
         try:
             return getattr(handles[role], method).remote().result(timeout_s=timeout_s)
-        except BaseException as err:  # noqa: BLE001
+        except Exception as err:  # Ctrl-C (KeyboardInterrupt) is not a role failure: it passes
             raise _map_error(role, err, apps[role]) from err
 
     infos = {role: get(role, "info") for role in roles}
@@ -187,7 +199,7 @@ async def aconnect_serve_roles(
     """:func:`connect_serve_roles` for code running in an event loop (the router)."""
     apps = {role: app_name(role, app_prefix) for role in roles}
     handles = {role: _handle(role, apps[role]) for role in roles}
-    probes = {role: ServeRole(RoleInfo(role, "", 0, 0), handles[role], timeout_s, apps[role]) for role in roles}
+    probes = {role: ServeRole(RoleInfo(role, "", 0, 0, 0, 0), handles[role], timeout_s, apps[role]) for role in roles}
     infos = dict(zip(roles, await asyncio.gather(*(probes[r]._call("info") for r in roles))))
     digests = dict(zip(roles, await asyncio.gather(*(probes[r]._call("vocab_digest") for r in roles))))
     vocabs = {}

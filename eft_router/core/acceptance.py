@@ -1,0 +1,65 @@
+"""Exact speculative acceptance (Leviathan et al. 2023; Chen et al. 2023). Pure function.
+
+Draft token x_t ~ q_t is accepted with probability min(1, p_t(x_t) / q_t(x_t)); at the first
+rejection the replacement is drawn from normalize(max(0, p_t - q_t)) and the block ends; if
+every draft token is accepted a bonus token is drawn from p_{k+1}. The emitted tokens are then
+distributed exactly as sampling from p token by token. With one-hot (greedy) p and q the rule
+reduces to "accept while the draft equals argmax p, then emit argmax p".
+
+:func:`accept_blocks` settles the blocks of every request of a step at once. Blocks have
+different lengths (a plain request's block has no draft at all): they are padded to the
+longest, and each row only reads its own first ``num_drafts`` positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import sample_from
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """``tokens``: the accepted draft prefix plus one corrected or bonus token."""
+
+    tokens: list[int]
+    accepted: int
+
+
+def accept_blocks(
+    target: torch.Tensor,
+    draft_probs: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_drafts: torch.Tensor,
+    accept_uniforms: torch.Tensor,
+    final_uniforms: torch.Tensor,
+) -> list[BlockOutcome]:
+    """Verify B blocks of up to K drafts.
+
+    ``target``: p at positions 1..K+1 ``[B, K+1, V]``; ``draft_probs``: q at positions 1..K
+    ``[B, K, V]``; ``draft_tokens`` ``[B, K]`` (long) sampled from q; ``num_drafts`` ``[B]``:
+    how many of them row b has (the rest is padding); ``accept_uniforms`` ``[B, K]`` (one per
+    draft, for its acceptance test) and ``final_uniforms`` ``[B]`` (the replacement or bonus).
+    """
+    batch, k = draft_tokens.shape
+    rows = torch.arange(batch)
+    if k:
+        p_x = target[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1).double()
+        q_x = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1).double()
+        # u < p/q, with q > 0 since x_t was drawn from q
+        rejected = ~(accept_uniforms.double() * q_x < p_x) & (torch.arange(k) < num_drafts.unsqueeze(-1))
+        first = torch.where(rejected.any(-1), rejected.to(torch.int8).argmax(-1), num_drafts)
+    else:
+        first = torch.zeros(batch, dtype=torch.long)
+    final = target[rows, first]
+    was_rejected = first < num_drafts
+    if bool(was_rejected.any()):
+        residual = torch.clamp(final - draft_probs[rows, first.clamp(max=max(k - 1, 0))], min=0.0) if k else final
+        # p == q up to rounding: rejection had probability 0, the residual is empty
+        usable = was_rejected & (residual.sum(-1) > 0)
+        final = torch.where(usable.unsqueeze(-1), residual, final)
+    last = sample_from(final, final_uniforms).tolist()
+    drafts, firsts = draft_tokens.tolist(), first.tolist()
+    return [BlockOutcome(drafts[b][: firsts[b]] + [last[b]], firsts[b]) for b in range(batch)]

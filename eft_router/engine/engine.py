@@ -1,0 +1,505 @@
+"""The EFT engine: one loop that advances every live request by one block per step.
+
+A step is three stages, as in vLLM's ``EngineCore.step``:
+
+1. **schedule** (:class:`Scheduler`): who runs, and what each request does: a prefill chunk,
+   or its next block (the rest of its prompt, then k drafts, verified).
+2. **execute**: one ``draft`` call per drafter with every speculative request's block, then
+   one ``score`` call per verifying role, all roles at once, each carrying every request's
+   positions. The number of role calls does not depend on the number of requests.
+3. **update**: the EFT combination and the exact acceptance rule for every request as batched
+   tensor operations (each request with its own spec, temperature, top-k and top-p), then
+   each request's accepted tokens go to its stream, and finished requests leave.
+
+Plain EFT is the block with k = 0: every role scores one position and the "bonus" token is
+a plain sample from p. Randomness comes from one seeded generator per request, drawn in a
+fixed order, so a request's output never depends on what shares its steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..core.acceptance import accept_blocks
+from ..core.combine import combine, combine_rows, plan_rows
+from ..core.sampling import sampling_probs
+from ..core.spec import BASE_LARGE, BASE_SMALL, FT_LARGE, FT_SMALL, SpecError
+from ..core.stopping import StopChecker
+from ..roles.interface import Draft, DraftItem, DraftParams, Role, ScoreItem
+from .request import Generation, GenerationRequest, GenerationStats, ScoreRequest, ScoreResult, StreamChunk, TokenDiagnostics
+from .scheduler import Scheduler, SchedulerConfig, StepPlan, Work
+from .state import END, GenerationState, RequestState, ScoreState
+
+log = logging.getLogger(__name__)
+_REFERENCE = {FT_LARGE: BASE_LARGE}  # other fine-tunes are fine-tunes of base_small
+
+
+class EngineStopped(RuntimeError):
+    """The engine's loop ended (its event loop shut down) before the request finished."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did, for metrics: its duration, the requests it advanced (prefill
+    chunks included), and how many requests were still waiting for admission after it."""
+
+    seconds: float
+    requests: int
+    waiting: int
+
+
+@dataclass
+class _Block:
+    """A generation's block in this step: its drafts, every role's rows ``[n + 1, V]`` at the
+    block's positions, and the uniforms drawn for it."""
+
+    request: GenerationState
+    k: int
+    uniforms: list[float]
+    draft: Draft | None = None
+    rows: dict[str, torch.Tensor] | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.draft.tokens if self.draft is not None else []
+
+
+class Engine:
+    """Runs EFT requests against a set of roles sharing one tokenizer.
+
+    ``drafter``: the default drafting role (when a request does not name one); ``config``:
+    the scheduler's limits. An engine serves one event loop at a time (its step loop is a
+    task there, started by the first request)."""
+
+    def __init__(
+        self,
+        roles: Mapping[str, Role],
+        tokenizer: PreTrainedTokenizerBase,
+        drafter: str | None = FT_SMALL,
+        config: SchedulerConfig = SchedulerConfig(),
+        on_step: Callable[[StepStats], None] | None = None,
+    ) -> None:
+        if not roles:
+            raise ValueError("roles: at least one role is needed")
+        sizes = {name: role.info.vocab_size for name, role in roles.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"roles disagree on the vocabulary size: {sizes}")
+        self.roles = dict(roles)
+        self.tokenizer = tokenizer
+        self.vocab_size = next(iter(sizes.values()))
+        self.context_length = min(role.info.context_length for role in roles.values())
+        self.slot_length = min(role.info.slot_length for role in roles.values())
+        self.default_drafter = drafter if drafter in self.roles else None
+        self.eos_ids = frozenset(i for i in [tokenizer.eos_token_id] if i is not None)
+        self.config = config
+        self.scheduler = Scheduler(config, min(role.info.kv_slots for role in roles.values()))
+        self.steps = 0
+        self.role_calls: Counter[tuple[str, str]] = Counter()  # (role, call) -> calls made
+        self.on_step = on_step
+        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._leaving: list[RequestState] = []  # the current step's leavers, until their release is done
+
+    @classmethod
+    def local(cls, models: Mapping[str, str], drafter: str | None = FT_SMALL, config: SchedulerConfig = SchedulerConfig(), **worker_kwargs: Any) -> "Engine":
+        """An engine over in-process role workers: ``models`` maps role -> path or hub id;
+        ``worker_kwargs`` go to each :class:`~eft_router.roles.worker.RoleWorker`."""
+        from ..roles.local import load_local_roles
+
+        roles, tokenizer = load_local_roles(models, **worker_kwargs)
+        return cls(roles, tokenizer, drafter, config)
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def _check_ids(self, name: str, ids: Sequence[int]) -> list[int]:
+        if not ids:
+            raise SpecError(name, "must hold at least one token")
+        for i, t in enumerate(ids):
+            if not 0 <= t < self.vocab_size:
+                raise SpecError(f"{name}[{i}]", f"token ids must be integers in [0, {self.vocab_size}), got {t!r}")
+        return list(ids)
+
+    def _check_fits(self, field: str, what: str, length: int) -> None:
+        if length > self.context_length:
+            raise SpecError(field, f"{what} must fit the context length {self.context_length}")
+        if length > self.slot_length:
+            shortest = min(self.roles, key=lambda r: self.roles[r].info.slot_length)
+            raise SpecError(field, f"{what} must fit the KV cache slot of {self.slot_length} tokens (role {shortest!r}'s max_seq_len)")
+
+    def _generation(self, request: GenerationRequest) -> GenerationState:
+        ids = self._check_ids("prompt_ids", request.prompt_ids)
+        plan = request.eft.resolve(list(self.roles))
+        sampling, speculative = request.sampling, request.speculative
+        drafter = None
+        if speculative.k > 0:
+            drafter = speculative.drafter or self.default_drafter
+            if drafter is None or drafter not in self.roles:
+                raise SpecError("speculative.drafter", f"must be a served role ({', '.join(self.roles)}), got {drafter!r}")
+        self._check_fits(
+            "sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens})",
+            len(ids) + sampling.max_new_tokens,
+        )
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        stop_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos else self.eos_ids)
+        roles = tuple(dict.fromkeys([*plan.roles, *([drafter] if drafter else [])]))
+        return GenerationState(
+            session_id=request.session_id or uuid.uuid4().hex,
+            context=ids,
+            plan=plan,
+            roles=roles,
+            prefill_end=len(ids),
+            request=request,
+            drafter=drafter,
+            draft=DraftParams.of(sampling, speculative, stop_ids),
+            generator=torch.Generator().manual_seed(seed),
+            stops=StopChecker(self.tokenizer, stop_ids, sampling.stop, sampling.max_new_tokens),
+            stats=GenerationStats(seed=seed, prompt_tokens=len(ids)),
+            tv_role=drafter or (self.default_drafter if self.default_drafter in plan.roles else None),
+        )
+
+    def _submit(self, state: RequestState) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._task.get_loop() is not loop:
+            raise RuntimeError("this Engine's step loop runs on another event loop; an Engine serves one loop at a time")
+        self.scheduler.add(state)
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._run(), name="eft-engine-steps")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # -- the public calls --------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Yield the accepted tokens block by block. A bad request raises
+        :class:`SpecError` before anything runs, a full queue :class:`QueueFull`; closing the
+        stream early cancels the request, which leaves the next step."""
+        state = self._generation(request)
+        self._submit(state)
+        try:
+            while True:
+                item = await state.outbox.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not state.finished:
+                state.cancelled = True
+                self._wake()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """Run :meth:`stream` to the end and collect the result."""
+        tokens: list[int] = []
+        text, diags, last = "", [], None
+        async for chunk in self.stream(request):
+            tokens += chunk.token_ids
+            text += chunk.text
+            diags += chunk.diagnostics
+            last = chunk
+        assert last is not None and last.finish_reason is not None and last.stats is not None
+        return Generation(tokens, text, last.finish_reason, last.stats, diags)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Log-probs of the continuation after the prompt, in the steps' score calls."""
+        prompt = self._check_ids("prompt_ids", request.prompt_ids)
+        cont = self._check_ids("continuation_ids", request.continuation_ids)
+        self._check_fits("continuation_ids", "prompt + continuation", len(prompt) + len(cont))
+        plan = request.eft.resolve(list(self.roles))
+        context = prompt + cont[:-1]  # the last token's distribution needs only the ones before it
+        state = ScoreState(uuid.uuid4().hex, context, plan, plan.roles, len(context), request=request)
+        self._submit(state)
+        try:
+            item = await state.outbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        finally:
+            if not state.finished:
+                state.cancelled = True
+                self._wake()
+
+    async def release(self, session_id: str, roles: Iterable[str] | None = None) -> None:
+        """Free a kept session's caches on ``roles`` (default: every role)."""
+        names = list(self.roles) if roles is None else list(dict.fromkeys(roles))
+        await self._release({name: [session_id] for name in names})
+
+    async def close(self) -> None:
+        """Stop the step loop; requests still in it end with :class:`EngineStopped`."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self.scheduler.has_work():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self.step()
+        except BaseException as err:
+            # Cancelled (the event loop shuts down, or close()) or a bug: every request ends
+            # with it, and every session that a role may still hold is released (the roles
+            # outlive this loop). New tasks run even while the loop cancels the old ones.
+            stopped = err if isinstance(err, Exception) else EngineStopped("the engine's event loop shut down")
+            touched = [*self._leaving, *self.scheduler.running]
+            for request in list(self.scheduler):
+                request.finish(stopped)
+            self.scheduler.running.clear()
+            self.scheduler.waiting.clear()
+            await self._release(self._sessions_to_release(touched))
+            if not isinstance(err, Exception):
+                raise
+            log.exception("the engine's step loop failed")
+
+    async def step(self) -> None:
+        """One step for every live request: schedule, execute, update."""
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        blocks = await self._execute(plan)
+        self._update(plan.work, blocks)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(StepStats(time.perf_counter() - started, len(plan.work), len(self.scheduler.waiting)))
+
+    # -- execute: the role calls ---------------------------------------------------------------
+
+    async def _call(self, role: str, call: str, items: list) -> Any:
+        self.role_calls[(role, call)] += 1
+        return await getattr(self.roles[role], call)(items)
+
+    async def _release(self, sessions: Mapping[str, list[str]]) -> None:
+        """Best effort: a role that cannot be reached keeps the caches until its LRU bound or
+        idle timeout frees them; that is logged, not raised (their requests have ended)."""
+        calls = {role: ids for role, ids in sessions.items() if ids}
+        results = await asyncio.gather(*(self._call(r, "release", ids) for r, ids in calls.items()), return_exceptions=True)
+        for role, result in zip(calls, results):
+            if isinstance(result, Exception):
+                log.warning("could not release %d session(s) on role %s: %s", len(calls[role]), role, result)
+
+    async def _calls(self, calls: Mapping[str, list[tuple[RequestState, Any]]], method: str) -> dict[RequestState, dict[str, Any]]:
+        """One ``method`` call per role, all at once; per request, its results by role. A call
+        that fails ends the requests in it (with that error) and no other."""
+        roles = [r for r, items in calls.items() if items]
+        replies = await asyncio.gather(*(self._call(r, method, [it for _, it in calls[r]]) for r in roles), return_exceptions=True)
+        out: dict[RequestState, dict[str, Any]] = {}
+        for role, reply in zip(roles, replies):
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, Exception):
+                    raise reply
+                for request, _ in calls[role]:
+                    request.finish(reply)
+                continue
+            for (request, _), result in zip(calls[role], reply):
+                out.setdefault(request, {})[role] = result
+        return out
+
+    @staticmethod
+    def _sessions_to_release(requests: Iterable[RequestState]) -> dict[str, list[str]]:
+        """Per role, the sessions of ``requests`` to free (all but kept multi-turn sessions
+        of requests that finished normally)."""
+        out: dict[str, list[str]] = {}
+        for request in requests:
+            kept = isinstance(request, GenerationState) and request.request.keep_session and not request.cancelled
+            if not kept:
+                for role in request.roles:
+                    out.setdefault(role, []).append(request.session_id)
+        return out
+
+    async def _execute(self, plan: StepPlan) -> list[_Block]:
+        """Drafts, then scores; the leavers' releases run alongside."""
+        self._leaving = plan.leaving
+        releasing = asyncio.ensure_future(self._release(self._sessions_to_release(plan.leaving)))
+        try:
+            blocks = []
+            for w in plan.work:
+                if w.block and isinstance(w.request, GenerationState):
+                    k = w.request.next_k()
+                    u = torch.rand(2 * k + 1, generator=w.request.generator, dtype=torch.float64).tolist()
+                    blocks.append(_Block(w.request, k, u))
+            drafting: dict[str, list] = {}
+            for b in blocks:
+                if b.k:
+                    item = DraftItem(b.request.session_id, b.request.context, b.k, b.request.draft, b.uniforms[: b.k])
+                    drafting.setdefault(b.request.drafter, []).append((b.request, item))
+            drafts = await self._calls(drafting, "draft")
+            scoring: dict[str, list] = {}
+            for w in plan.work:
+                request = w.request
+                if request.finished:
+                    continue
+                if isinstance(request, ScoreState):
+                    rows = _score_rows(request, w)
+                    for role in request.roles:
+                        scoring.setdefault(role, []).append((request, ScoreItem(request.session_id, request.context[: w.end], rows)))
+                elif not w.block:  # a prefill chunk: fill every role's cache, no rows
+                    for role in request.roles:
+                        scoring.setdefault(role, []).append((request, ScoreItem(request.session_id, request.context[: w.end], 0)))
+            for b in blocks:
+                request = b.request
+                if request.finished:
+                    continue
+                if b.k:
+                    b.draft = drafts[request][request.drafter]
+                block = request.context + b.tokens
+                for role in request.plan.roles:
+                    if role != request.drafter or not b.k:
+                        scoring.setdefault(role, []).append((request, ScoreItem(request.session_id, block, len(b.tokens) + 1)))
+            scores = await self._calls(scoring, "score")
+            for w in plan.work:
+                if isinstance(w.request, ScoreState) and not w.request.finished:
+                    for role, rows in scores[w.request].items():
+                        w.request.rows.setdefault(role, []).append(rows)
+            for b in blocks:
+                if not b.request.finished:
+                    b.rows = dict(scores.get(b.request, {}))
+                    if b.draft is not None:
+                        b.rows[b.request.drafter] = b.draft.logprobs
+            return [b for b in blocks if not b.request.finished]
+        finally:
+            await releasing
+            self._leaving = []
+
+    # -- update: combine, accept, stream -------------------------------------------------------
+
+    def _update(self, work: Sequence[Work], blocks: list[_Block]) -> None:
+        for w in work:
+            if w.block and isinstance(w.request, ScoreState) and not w.request.finished:
+                self._finish_score(w.request)
+        if not blocks:
+            return
+        try:
+            outcomes, targets = self._settle(blocks)
+        except Exception as err:  # a bug in the batched maths: the requests of this step end with it
+            log.exception("settling a step's blocks failed")
+            for b in blocks:
+                b.request.finish(err)
+            return
+        for b, (tokens, accepted), target in zip(blocks, outcomes, targets):
+            try:
+                self._emit(b, tokens, accepted, target)
+            except Exception as err:
+                log.exception("emitting a block failed")
+                b.request.finish(err)
+
+    def _settle(self, blocks: list[_Block]) -> tuple[list[tuple[list[int], int]], list[torch.Tensor]]:
+        """Every block's target p and the acceptance rule, batched over the blocks: rows of
+        different lengths are padded and masked, each block with its own coefficients and
+        sampling parameters."""
+        sizes = [len(b.tokens) + 1 for b in blocks]  # target rows: each draft's position and the bonus
+        drafts = [len(b.tokens) for b in blocks]
+        sampling = [b.request.request.sampling for b in blocks]
+        params = (
+            torch.tensor([s.temperature for s in sampling]),
+            torch.tensor([s.top_k for s in sampling]),
+            torch.tensor([s.top_p for s in sampling]),
+        )
+        # the target p at every position of every block
+        roles = [r for r in self.roles if any(r in b.rows for b in blocks)]
+        stacked = torch.stack([
+            torch.cat([b.rows[r] if r in b.rows else torch.zeros(n, self.vocab_size) for b, n in zip(blocks, sizes)])
+            for r in roles
+        ])
+        scores = combine_rows(stacked, plan_rows([b.request.plan for b in blocks], sizes, roles))
+        target = sampling_probs(scores, *(_rows(t, sizes) for t in params))
+        # the drafters' q at the drafted positions
+        k = max(drafts)
+        q = target.new_zeros(0, self.vocab_size)
+        if k:
+            q_rows = torch.cat([b.rows[b.request.drafter][:n] for b, n in zip(blocks, drafts) if n])
+            q = sampling_probs(q_rows, *(_rows(t, drafts) for t in params))
+        outcomes = accept_blocks(
+            _pad(target, sizes, k + 1),
+            _pad(q, drafts, k),
+            torch.tensor([b.tokens + [0] * (k - len(b.tokens)) for b in blocks], dtype=torch.long).reshape(len(blocks), k),
+            torch.tensor(drafts),
+            torch.tensor([b.uniforms[b.k : b.k + n] + [0.0] * (k - n) for b, n in zip(blocks, drafts)], dtype=torch.float64).reshape(len(blocks), k),
+            torch.tensor([b.uniforms[2 * b.k] for b in blocks], dtype=torch.float64),
+        )
+        return [(o.tokens, o.accepted) for o in outcomes], list(torch.split(target, sizes))
+
+    def _emit(self, b: _Block, tokens: list[int], accepted: int, target: torch.Tensor) -> None:
+        request, stops, stats = b.request, b.request.stops, b.request.stats
+        stats.blocks += 1
+        stats.drafted_tokens += len(b.tokens)
+        stats.accepted_per_block.append(accepted)
+        chunk = StreamChunk(token_ids=[], text="")
+        for t, token in enumerate(tokens):
+            chunk.token_ids.append(token)
+            chunk.text += stops.feed(token)
+            if request.request.diagnostics:
+                chunk.diagnostics.append(self._diagnose(request, token, {r: lp[t] for r, lp in b.rows.items()}, target[t]))
+            if stops.finish_reason is not None:
+                break
+        request.context.extend(chunk.token_ids)
+        stats.generated_tokens += len(chunk.token_ids)
+        if stops.finish_reason is not None:
+            chunk.finish_reason, chunk.stats = stops.finish_reason, stats
+        if not request.cancelled:
+            request.outbox.put_nowait(chunk)
+        if stops.finish_reason is not None:
+            request.finish()
+
+    def _diagnose(self, request: GenerationState, token: int, rows: dict[str, torch.Tensor], target: torch.Tensor) -> TokenDiagnostics:
+        role_lp = {r: float(lp[token]) for r, lp in rows.items()}
+        rewards = {
+            r: role_lp[r] - role_lp[ref]
+            for r in request.plan.behaviour
+            if r.startswith("ft_") and (ref := _REFERENCE.get(r, BASE_SMALL)) in role_lp
+        }
+        tv = None
+        if request.tv_role is not None and request.tv_role in rows:
+            s = request.request.sampling
+            q = sampling_probs(rows[request.tv_role], s.temperature, s.top_k, s.top_p)
+            tv = 0.5 * float((q - target).abs().sum())
+        return TokenDiagnostics(token, float(torch.log(target[token])), role_lp, rewards, tv)
+
+    def _finish_score(self, request: ScoreState) -> None:
+        cont = list(request.request.continuation_ids)
+        rows = {r: torch.cat(chunks) for r, chunks in request.rows.items()}
+        index = torch.tensor(cont).unsqueeze(-1)
+        eft_lp = torch.log_softmax(combine(rows, request.plan), dim=-1).gather(-1, index).squeeze(-1)
+        result = ScoreResult(
+            token_ids=cont,
+            logprobs=eft_lp.tolist(),
+            role_logprobs={r: lp.gather(-1, index).squeeze(-1).tolist() for r, lp in rows.items()},
+        )
+        request.outbox.put_nowait(result)
+        request.finish()
+
+
+def _rows(values: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """One value per block, repeated for each of its ``counts`` rows."""
+    return values.repeat_interleave(torch.tensor(counts))
+
+
+def _pad(rows: torch.Tensor, counts: Sequence[int], width: int) -> torch.Tensor:
+    """Consecutive rows ``[sum(counts), V]`` as ``[len(counts), width, V]``, block b's
+    ``counts[b]`` rows first and zeros after."""
+    out = rows.new_zeros(len(counts), width, rows.shape[-1])
+    out[torch.arange(width) < torch.tensor(counts).unsqueeze(-1)] = rows
+    return out
+
+
+def _score_rows(request: ScoreState, w: Work) -> int:
+    """Rows a score request's chunk returns: feeding ``context[w.start:w.end]`` predicts
+    positions ``w.start + 1 .. w.end``; those from the continuation's first on are needed."""
+    first_needed = len(request.request.prompt_ids)
+    return max(0, w.end - max(w.start + 1, first_needed) + 1)

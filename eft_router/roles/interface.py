@@ -1,0 +1,133 @@
+"""The one interface between the engine and a role model, whatever runs it.
+
+It is batch-first: each call carries one item per request of the engine's step, so a step
+costs one call per role however many requests share it. The in-process backend
+(:mod:`eft_router.roles.local`) and the Ray Serve backend (:mod:`eft_router.roles.serve`)
+implement it; the engine sees nothing else, so both give identical results.
+
+Every item carries the session id and the *full* token ids of its context: a worker that
+never saw the session (or evicted it) recomputes the prefix, so correctness never depends
+on routing or cache state; a cached session only makes it fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from ..core.spec import SamplingParams, SpeculativeParams
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    """What the engine must know about a role before it sends work.
+
+    ``kv_slots``: how many sessions one replica caches at once (its KV cache holds one slot
+    per session); ``slot_length``: the most tokens one session can hold."""
+
+    name: str
+    model: str
+    vocab_size: int  # the shared tokenizer's length, after trimming padded embedding rows
+    context_length: int
+    kv_slots: int
+    slot_length: int
+
+
+@dataclass(frozen=True)
+class DraftParams:
+    """How one request drafts: its sampling distribution (the same temperature, top-k and
+    top-p as its target, so that acceptance compares what both sides sampled from) and where
+    a draft ends early: after a token in ``stop_ids`` (nothing after a stop is ever emitted),
+    or before a position whose most likely token has probability below ``confidence``."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: frozenset[int] = frozenset()
+    confidence: float = 0.0
+
+    @classmethod
+    def of(cls, sampling: SamplingParams, speculative: SpeculativeParams, stop_ids: frozenset[int]) -> "DraftParams":
+        return cls(sampling.temperature, sampling.top_k, sampling.top_p, stop_ids, speculative.confidence)
+
+    @property
+    def log_confidence(self) -> float:
+        return math.log(self.confidence) if self.confidence > 0 else float("-inf")
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """Feed ``token_ids`` (the session's whole context) and return the log-probs of its last
+    ``rows`` positions: row i is the distribution of the token at position
+    ``len(token_ids) - rows + 1 + i`` given the tokens before it. ``rows`` 0 only fills the
+    cache (a prefill chunk)."""
+
+    session_id: str
+    token_ids: Sequence[int]
+    rows: int = 1
+
+
+@dataclass(frozen=True)
+class DraftItem:
+    """Sample up to ``k`` tokens after ``token_ids``, one per step, the i-th by inverse CDF
+    on ``uniforms[i]``."""
+
+    session_id: str
+    token_ids: Sequence[int]
+    k: int
+    params: DraftParams
+    uniforms: Sequence[float]
+
+
+@dataclass(frozen=True)
+class Draft:
+    """``tokens``: up to k tokens sampled from the drafter's own sampling distribution;
+    ``logprobs``: its raw log-softmax rows for the positions after each of them and the one
+    before, ``[len(tokens) + 1, V]``."""
+
+    tokens: list[int]
+    logprobs: torch.Tensor
+
+
+@runtime_checkable
+class Role(Protocol):
+    info: RoleInfo
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
+        """One log-prob tensor ``[item.rows, V]`` per item, in order."""
+        ...
+
+    async def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
+        """One draft per item, in order."""
+        ...
+
+    async def release(self, session_ids: Sequence[str]) -> None:
+        """Drop these sessions' caches; unknown sessions are ignored."""
+        ...
+
+
+class RoleError(RuntimeError):
+    """A call to a role failed; ``role`` names it, ``cause`` is the underlying error."""
+
+    def __init__(self, role: str, cause: BaseException, what: str, where: str = "") -> None:
+        where = f" ({where})" if where else ""
+        super().__init__(f"role {role!r}{where} {what}: {type(cause).__name__}: {cause}")
+        self.role = role
+        self.cause = cause
+
+
+class RoleUnavailable(RoleError):
+    """The role could not be reached: not deployed, replicas dead or overloaded, timed out."""
+
+    def __init__(self, role: str, cause: BaseException, where: str = "") -> None:
+        super().__init__(role, cause, "is unavailable", where)
+
+
+class RoleFailed(RoleError):
+    """The role raised while handling the call (``cause`` is its exception)."""
+
+    def __init__(self, role: str, cause: BaseException, where: str = "") -> None:
+        super().__init__(role, cause, "failed", where)
