@@ -26,7 +26,8 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from eft_router.roles.interface import DraftItem, RoleInfo, ScoreItem
-from eft_router.roles.serve import REPLICAS, SESSION_METHODS, owner
+from eft_router.roles import serve as serve_backend
+from eft_router.roles.serve import SESSION_METHODS, owner
 from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES, RoleWorker
 
 from .tensor_parallel import TensorParallelWorker
@@ -74,7 +75,8 @@ class SessionAffinityRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        REPLICAS[self.app_name] = tuple(sorted(r.replica_id.unique_id for r in replicas))
+        # through the module: Serve may ship this class by value, with copies of its globals
+        serve_backend.REPLICAS[self.app_name] = tuple(sorted(r.replica_id.unique_id for r in replicas))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

@@ -483,7 +483,7 @@ def test_serve_config_is_what_the_ensemble_config_generates(serve_file, ensemble
 
 def test_serve_config_agreement_check_catches_a_drift(serve_file, ensemble):
     drifted = ensemble.model_copy(deep=True)
-    drifted.roles["ft_small"].max_batch_size = 4
+    drifted.roles["ft_small"].kv_cache_bytes = 1 << 20
     assert drifted.to_serve_config()["applications"] != serve_file["applications"]
 
 

@@ -314,13 +314,16 @@ def test_the_scheduler_admits_first_come_first_served_within_the_budget():
     a, b, c, d = waiting(0, 4), waiting(1, 30), waiting(2, 2), waiting(3, 2)
     for r in (a, b, c, d):
         s.add(r)
-    plan = s.schedule()
-    # a fits whole (4 + its block's token); b gets a chunk of what is left; c waits behind b
-    assert [(w.request, w.start, w.end, w.block) for w in plan.work] == [(a, 0, 4, True), (b, 0, 5, False)]
-    plan = s.schedule()
-    assert [(w.request, w.start, w.end, w.block) for w in plan.work] == [(a, 4, 4, True), (b, 5, 14, False)]
+
+    def work():
+        return [(w.request.session_id, w.start, w.end, w.block) for w in s.schedule().work]
+
+    # a fits whole; b gets a chunk of what is left (its prompt's last token waits for the
+    # step that runs its first block); c waits behind b: first come, first served
+    assert work() == [("r0", 0, 4, True), ("r1", 0, 6, False)]
+    assert work() == [("r0", 4, 4, True), ("r1", 6, 16, False)]  # a running decode goes first
     a.finished = True
     plan = s.schedule()
-    assert plan.leaving == [a]
-    assert [(w.request.session_id, w.block) for w in plan.work] == [("r1", False), ("r2", True)]
-    assert len(s.running) == 2 and list(s.waiting) == [d]
+    assert plan.leaving == [a] and [(w.request, w.end) for w in plan.work] == [(b, 26)]
+    assert work() == [("r1", 26, 30, True), ("r2", 0, 2, True), ("r3", 0, 2, True)]
+    assert len(s.running) == 3 and not s.waiting

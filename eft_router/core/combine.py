@@ -45,8 +45,8 @@ class RowCoefficients:
 
     roles: tuple[str, ...]
     behaviour: torch.Tensor  # [R, n] float32
-    knowledge: torch.Tensor  # [R] long, index into roles
-    reference: torch.Tensor  # [R] long
+    knowledge: list[int]  # per row, index into roles
+    reference: list[int]
     beta: torch.Tensor  # [R] float32
     top_p: torch.Tensor  # [R] float32
 
@@ -57,35 +57,37 @@ def plan_rows(plans: Sequence[CombinationPlan], rows: Sequence[int], roles: Sequ
     roles = tuple(roles)
     index = {r: i for i, r in enumerate(roles)}
     behaviour, knowledge, reference, beta, top_p = [], [], [], [], []
-    for plan in plans:
+    for plan, n in zip(plans, rows):
         row = [0.0] * len(roles)
         for role, coef in plan.behaviour.items():
             row[index[role]] = coef
-        behaviour.append(row)
         w = plan.weight
         scaled = w is not None and w.beta != 0.0
-        knowledge.append(index[w.knowledge] if scaled else 0)
-        reference.append(index[w.reference] if scaled else 0)
-        beta.append(w.beta if scaled else 0.0)
-        top_p.append(w.top_p if scaled else 1.0)
-    repeat = torch.tensor(list(rows), dtype=torch.long)
-    expand = lambda values, dtype: torch.tensor(values, dtype=dtype).repeat_interleave(repeat, dim=0)  # noqa: E731
-    return RowCoefficients(
-        roles, expand(behaviour, torch.float32), expand(knowledge, torch.long), expand(reference, torch.long),
-        expand(beta, torch.float32), expand(top_p, torch.float32),
-    )
+        behaviour += [row] * n
+        knowledge += [index[w.knowledge] if scaled else 0] * n
+        reference += [index[w.reference] if scaled else 0] * n
+        beta += [w.beta if scaled else 0.0] * n
+        top_p += [w.top_p if scaled else 1.0] * n
+    return RowCoefficients(roles, torch.tensor(behaviour), knowledge, reference, torch.tensor(beta), torch.tensor(top_p))
 
 
-def combine_rows(logprobs: torch.Tensor, coef: RowCoefficients) -> torch.Tensor:
-    """Scores ``[R, V]`` from the roles' log-probs ``[n, R, V]`` (role order ``coef.roles``;
+def combine_rows(logprobs: Sequence[torch.Tensor], coef: RowCoefficients) -> torch.Tensor:
+    """Scores ``[R, V]`` from each role's log-probs ``[R, V]`` (role order ``coef.roles``;
     a role a row's plan does not read may hold anything finite, its coefficient is 0)."""
     scores = coef.behaviour[:, 0:1] * logprobs[0]
     for r in range(1, len(coef.roles)):
         scores = scores + coef.behaviour[:, r : r + 1] * logprobs[r]
     if not bool((coef.beta != 0).any()):
         return scores
-    rows = torch.arange(logprobs.shape[1])
-    up = logprobs[coef.knowledge, rows] - logprobs[coef.reference, rows]
+    pairs = list(zip(coef.knowledge, coef.reference))
+    up = None
+    for knowledge, reference in dict.fromkeys(pairs):  # usually one: every row up-scales the same way
+        term = logprobs[knowledge] - logprobs[reference]
+        if up is None:
+            up = term
+        else:
+            rows = torch.tensor([p == (knowledge, reference) for p in pairs]).unsqueeze(-1)
+            up = torch.where(rows, term, up)
     if bool((coef.top_p < 1).any()):
         inside = nucleus_mask(torch.log_softmax(scores, dim=-1), coef.top_p)
         up = torch.where(inside, up, torch.zeros_like(up))
@@ -96,7 +98,6 @@ def combine(logprobs: Mapping[str, torch.Tensor], plan: CombinationPlan) -> torc
     """``s = sum_r c_r l_r + beta * mask * (l_knowledge - l_reference)`` (unnormalised) for
     one plan; ``logprobs`` maps each role of ``plan.roles`` to log-probs ``[..., V]``."""
     roles = plan.roles
-    stacked = torch.stack([logprobs[r] for r in roles])
-    shape = stacked.shape[1:]
-    flat = stacked.reshape(len(roles), -1, shape[-1])
-    return combine_rows(flat, plan_rows([plan], [flat.shape[1]], roles)).reshape(shape)
+    shape = logprobs[roles[0]].shape
+    flat = [logprobs[r].reshape(-1, shape[-1]) for r in roles]
+    return combine_rows(flat, plan_rows([plan], [flat[0].shape[0]], roles)).reshape(shape)

@@ -406,18 +406,14 @@ class Engine:
         sizes = [len(b.tokens) + 1 for b in blocks]  # target rows: each draft's position and the bonus
         drafts = [len(b.tokens) for b in blocks]
         sampling = [b.request.request.sampling for b in blocks]
-        params = (
-            torch.tensor([s.temperature for s in sampling]),
-            torch.tensor([s.top_k for s in sampling]),
-            torch.tensor([s.top_p for s in sampling]),
-        )
+        params = ([s.temperature for s in sampling], [s.top_k for s in sampling], [s.top_p for s in sampling])
         # the target p at every position of every block
         roles = [r for r in self.roles if any(r in b.rows for b in blocks)]
-        stacked = torch.stack([
+        rows = [
             torch.cat([b.rows[r] if r in b.rows else torch.zeros(n, self.vocab_size) for b, n in zip(blocks, sizes)])
             for r in roles
-        ])
-        scores = combine_rows(stacked, plan_rows([b.request.plan for b in blocks], sizes, roles))
+        ]
+        scores = combine_rows(rows, plan_rows([b.request.plan for b in blocks], sizes, roles))
         target = sampling_probs(scores, *(_rows(t, sizes) for t in params))
         # the drafters' q at the drafted positions
         k = max(drafts)
@@ -485,9 +481,9 @@ class Engine:
         request.finish()
 
 
-def _rows(values: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def _rows(values: Sequence[float | int], counts: Sequence[int]) -> torch.Tensor:
     """One value per block, repeated for each of its ``counts`` rows."""
-    return values.repeat_interleave(torch.tensor(counts))
+    return torch.tensor([v for v, n in zip(values, counts) for _ in range(n)])
 
 
 def _pad(rows: torch.Tensor, counts: Sequence[int], width: int) -> torch.Tensor:
