@@ -7,10 +7,13 @@ asyncio caller, one call at a time (median latency) and from 16 concurrent calle
 
 * default: Serve's defaults;
 * gRPC transport: ``handle.options(_by_reference=False)``;
+* router on the caller's loop: ``handle.options(_run_router_in_separate_loop=False)`` (no
+  hop to Serve's router thread per call);
+* both handle options;
+* the same, and the replica's user code on its main loop
+  (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` in the replica's runtime environment);
 * throughput-optimized: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in every process before Ray
-  starts (user code and the handle's router on the callers' event loops, gRPC transport,
-  buffered request logs);
-* both.
+  starts (all of the above, buffered request logs, and more).
 
   python bench/bench_serve_calls.py
 """
@@ -25,19 +28,24 @@ import subprocess
 import sys
 import time
 
-SETTINGS = {
-    "default": ({}, True),
-    "gRPC handle transport": ({}, False),
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, True),
+FAST = {"_by_reference": False, "_run_router_in_separate_loop": False}
+REPLICA_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+SETTINGS = {  # name: (environment before Ray starts, handle options, replica runtime_env)
+    "default": ({}, {}, None),
+    "gRPC handle transport": ({}, {"_by_reference": False}, None),
+    "router on the caller's loop": ({}, {"_run_router_in_separate_loop": False}, None),
+    "both handle options": ({}, FAST, None),
+    "both, replica code on its loop": ({}, FAST, REPLICA_LOOP),
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}, None),
 }
 
 
-def child(by_reference: bool, calls: int) -> dict[str, float]:
+def child(options: dict, runtime_env: dict | None, calls: int) -> dict[str, float]:
     import ray
     import torch
     from ray import serve
 
-    @serve.deployment(max_ongoing_requests=64)
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"runtime_env": runtime_env} if runtime_env else {})
     class Rows:
         async def rows(self) -> torch.Tensor:
             return torch.zeros(5, 1024)
@@ -46,8 +54,8 @@ def child(by_reference: bool, calls: int) -> dict[str, float]:
     try:
         serve.start(proxy_location="Disabled")
         handle = serve.run(Rows.bind(), name="rows", route_prefix=None)
-        if not by_reference:
-            handle = handle.options(_by_reference=False)
+        if options:
+            handle = handle.options(**options)
 
         async def measure() -> dict[str, float]:
             for _ in range(50):
@@ -64,25 +72,26 @@ def child(by_reference: bool, calls: int) -> dict[str, float]:
 
             started = time.perf_counter()
             await asyncio.gather(*(caller() for _ in range(16)))
-            return {"one_ms": 1e3 * statistics.median(one), "calls_per_s": 16 * (calls // 4) / (time.perf_counter() - started)}
+            result = {"one_ms": 1e3 * statistics.median(one), "calls_per_s": 16 * (calls // 4) / (time.perf_counter() - started)}
+            await serve.shutdown_async()  # on this loop: a router bound to it cannot outlive it
+            return result
 
-        result = asyncio.run(measure())
-        serve.shutdown()
-        return result
+        return asyncio.run(measure())
     finally:
         ray.shutdown()
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2] == "1", int(sys.argv[3]))))
+        _, options, runtime_env = SETTINGS[sys.argv[2]]
+        print(json.dumps(child(options, runtime_env, int(sys.argv[3]))))
         return
     calls = 400
     print(f"a handle call returning a [5, 1024] float32 tensor; median of {calls} single calls, and 16 concurrent callers")
     print(f"{'setting':<36} {'one call ms':>12} {'16 callers calls/s':>19}")
-    for name, (env, by_reference) in SETTINGS.items():
+    for name, (env, _, _) in SETTINGS.items():
         out = subprocess.run(
-            [sys.executable, __file__, "--child", "1" if by_reference else "0", str(calls)],
+            [sys.executable, __file__, "--child", name, str(calls)],
             env={**os.environ, **env}, capture_output=True, text=True, check=True, timeout=600,
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
