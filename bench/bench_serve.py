@@ -110,7 +110,7 @@ async def bench(paths: dict[str, str], args: argparse.Namespace) -> None:
     print("(* the best k at that stream count; bound: tokens over the seconds inside the roles' forward passes)")
     print()
     lo, hi = min(args.streams), max(args.streams)
-    print(f"scaling (tokens/s at N streams over 1 stream, same mode and backend):")
+    print("scaling (tokens/s at N streams over 1 stream, same mode and backend):")
     for path in engines:
         for k in (0, 4):
             row = ", ".join(f"{n}: {tps[(n, k, path)] / tps[(lo, k, path)]:.1f}x" for n in args.streams if n != lo)
@@ -132,7 +132,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    import ray
     from ray import serve
 
     from services.app import deploy_ensemble

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from eft_router.demo import DemoQuestion, DemoReport, run_demo
 from eft_router.roles.local import load_local_roles
+from eft_router.roles.models import check_model
 from eft_router.roles.serve import aconnect_serve_roles
 from eft_router.server.client import EFTClient
 from eft_router.server.grpc_server import Router, RouterThread
@@ -57,6 +58,13 @@ def ray_session(address: str | None) -> Iterator[bool]:
 
             serve.shutdown()
         ray.shutdown()
+
+
+def check_models(config: EnsembleConfig) -> None:
+    """Every role's model path, checked here (fast, one line naming what is wrong) before
+    replicas on this machine would fail on it one by one."""
+    for role, rc in config.roles.items():
+        check_model(role, rc.model, need_tokenizer=config.vocab_size is None)
 
 
 def deploy(config: EnsembleConfig) -> None:
@@ -105,6 +113,8 @@ def serve_forever(config: EnsembleConfig, backend: Backend, address: str | None,
     if backend == "local":
         asyncio.run(_serve_until_signalled(router_factory(config, "local")))
         return
+    if address is None:  # a private Ray on this machine: the replicas read these paths
+        check_models(config)
     with ray_session(address):
         if deploy_roles:
             deploy(config)
@@ -118,6 +128,7 @@ def demo(config: EnsembleConfig, questions: Sequence[DemoQuestion], backend: Bac
     backend = backend or config.router.backend
     config = config.model_copy(update={"router": config.router.model_copy(update={"port": 0})})
     started = time.perf_counter()
+    check_models(config)
     with ExitStack() as stack:
         if backend == "serve":
             stack.enter_context(ray_session(None))

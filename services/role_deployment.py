@@ -26,6 +26,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from eft_router.roles.interface import DraftItem, RoleInfo, ScoreItem
+from eft_router.roles.models import check_model
 from eft_router.roles import serve as serve_backend
 from eft_router.roles.serve import SESSION_METHODS, owner
 from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES, RoleWorker
@@ -125,6 +126,7 @@ class RoleDeployment:
         session_idle_s: float | None = None,
         tp_size: int = 1,
     ) -> None:
+        check_model(role, model, need_tokenizer=vocab_size is None)  # one line, before anything loads
         self._vocab: dict[str, int] | None = None
         try:
             from transformers import AutoTokenizer
@@ -184,6 +186,10 @@ class RoleDeployment:
 
     async def release(self, route: str, session_ids: Sequence[str]) -> None:
         await self._run(self.worker.release, list(session_ids))
+
+    async def ping(self, route: str) -> None:
+        """The router's health probe of this replica: answered on the replica's event loop,
+        not behind the forward passes queued for the worker thread."""
 
     # -- metadata, introspection, health ------------------------------------------------------
 

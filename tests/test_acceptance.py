@@ -426,7 +426,7 @@ def test_monte_carlo_joint_law_k2() -> None:
     rng = np.random.default_rng(12345)
     drafts = np.stack([rng.choice(vocab, size=n, p=q[t].double().numpy() / q[t].double().sum().item()) for t in range(k)], 1)
     us = rng.random((n, k + 1))
-    drafts_l, us_l = drafts.tolist(), us.tolist()
+    drafts_l = drafts.tolist()
     start = time.perf_counter()
     outcomes = accept_blocks(
         p.expand(n, -1, -1), q.expand(n, -1, -1), torch.tensor(drafts_l), torch.full((n,), k),

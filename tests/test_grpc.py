@@ -283,6 +283,29 @@ def test_deadline_exceeded_frees_the_sessions(router, client):
     assert wait_until_free(router) == {}
 
 
+def test_a_long_generation_leaves_health_answering_and_stops_at_its_deadline(engine):
+    """In-process, a unary Generate of 480 tokens with a 0.5 s deadline: health answers
+    while it runs (the roles compute on their own threads, the loop stays free), the client
+    gets DEADLINE_EXCEEDED, and the generation stops then: the engine takes no more steps."""
+    with local_router(engine) as router, EFTClient(f"localhost:{router.port}", timeout=30) as c:
+        request = pb.GenerateRequest(prompt=pb.Prompt(text="w1"), sampling=pb.SamplingParams(max_tokens=480, ignore_eos=True))
+        started = time.monotonic()
+        future = c.stub.Generate.future(request, timeout=0.5)
+        waits = []
+        while not future.done():
+            asked = time.monotonic()
+            assert c.health() == "SERVING"
+            waits.append(time.monotonic() - asked)
+        assert future.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.5
+        assert len(waits) >= 3 and max(waits) < 0.5, waits  # answered during it (it used to wait 1.1 s)
+        time.sleep(0.2)  # the step in flight ends, the request leaves
+        steps = router.router.engine.steps
+        time.sleep(0.5)
+        assert router.router.engine.steps == steps  # no work for nobody
+        assert wait_until_free(router) == {}
+
+
 def test_client_cancellation_frees_the_sessions_within_a_second(router, client):
     stream = client.stub.GenerateStream(_request_long(), timeout=60)
     first = next(stream)
@@ -310,6 +333,41 @@ def test_concurrency_limit_answers_resource_exhausted(engine):
         while router.router.servicer.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(c.generate("w1", max_tokens=2).token_ids) >= 1
+
+
+def test_a_full_engine_queue_answers_resource_exhausted_and_never_fitting_is_invalid(engine):
+    """One running slot and room for one waiting request: a third concurrent request is
+    refused with RESOURCE_EXHAUSTED (back-pressure with a limit), and the others finish;
+    a request longer than the KV slot can ever hold is INVALID_ARGUMENT naming the limit."""
+    with local_router(engine, max_num_seqs=1, max_queued_requests=1) as router, EFTClient(f"localhost:{router.port}", timeout=60) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate("w1", max_tokens=520)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("sampling.max_tokens: prompt (1 tokens)") and "must fit the context length 512" in err.value.details()
+        running = c.stub.GenerateStream(_request_long(), timeout=60)
+        next(running)
+        waiting = c.stub.Generate.future(pb.GenerateRequest(prompt=pb.Prompt(text="w2"), sampling=pb.SamplingParams(max_tokens=3)), timeout=60)
+        deadline = time.monotonic() + 10
+        while not router.router.engine.scheduler.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate("w3", max_tokens=3)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.value.details()
+        running.cancel()
+        assert len(waiting.result().token_ids) == 3  # the queued one ran once the slot was free
+        assert len(c.generate("w3", max_tokens=3).token_ids) == 3
+
+
+def test_a_router_whose_defaults_cannot_be_served_is_refused(engine):
+    """Without base_small the default spec (up-scaling) cannot be served: refused at start,
+    naming the role, rather than serving and failing every default request."""
+    roles = {r: engine.roles[r] for r in ("base_large", "ft_small")}
+    with pytest.raises(ValueError, match="default EFT spec cannot be served: eft.preset: 'upscale' needs role 'base_small'"):
+        Router(roles, engine.tokenizer, RouterConfig(port=0))
+    linear = RequestDefaults(eft=EFTSpec(preset="linear", coefficients={"ft_small": 1.0}), speculative=SpeculativeParams(k=2, drafter="ft_other"))
+    with pytest.raises(ValueError, match="default speculative drafter 'ft_other' is not served"):
+        Router(roles, engine.tokenizer, RouterConfig(port=0), linear)
+    Router(roles, engine.tokenizer, RouterConfig(port=0), RequestDefaults(eft=linear.eft))  # servable: fine
 
 
 def test_many_concurrent_requests_each_get_their_own_answer(local, engine):

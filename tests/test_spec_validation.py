@@ -21,8 +21,8 @@ CONTEXT = 512  # the conftest family's context length
 GOOD = SamplingParams(temperature=1.0, seed=0, max_new_tokens=5)
 
 
-def gen(engine, prompt=PROMPT, eft=None, sampling=None, speculative=None):
-    kwargs = {}
+def gen(engine, prompt=PROMPT, eft=None, sampling=None, speculative=None, diagnostics=False):
+    kwargs = {"diagnostics": diagnostics}
     if eft is not None:
         kwargs["eft"] = eft() if callable(eft) else eft
     if sampling is not None:
@@ -83,7 +83,17 @@ CASES = {
     ),
     "weight_top_p_0": (lambda e: gen(e, eft=lambda: EFTSpec(weight_top_p=0.0)), "eft.weight_top_p", ["(0, 1]"]),
     "weight_top_p_1.5": (lambda e: gen(e, eft=lambda: EFTSpec(weight_top_p=1.5)), "eft.weight_top_p", ["(0, 1]"]),
-    "temperature_negative": (lambda e: gen(e, sampling=lambda: SamplingParams(temperature=-0.5)), "sampling.temperature", [">= 0"]),
+    "temperature_negative": (lambda e: gen(e, sampling=lambda: SamplingParams(temperature=-0.5)), "sampling.temperature", ["0 (greedy) or in [0.0001, 10000]"]),
+    "temperature_tiny": (lambda e: gen(e, sampling=lambda: SamplingParams(temperature=1e-40)), "sampling.temperature", ["0 (greedy) or in [0.0001", "1e-40"]),
+    "temperature_denormal": (lambda e: gen(e, sampling=lambda: SamplingParams(temperature=5e-324)), "sampling.temperature", ["0 (greedy) or in"]),
+    "temperature_huge": (lambda e: gen(e, sampling=lambda: SamplingParams(temperature=1e5)), "sampling.temperature", ["10000]", "100000"]),
+    "beta_huge": (lambda e: gen(e, eft=lambda: EFTSpec(beta=1e39)), "eft.beta", ["[-10000, 10000]", "1e+39"]),
+    "lambda_huge": (lambda e: gen(e, eft=lambda: EFTSpec(deltas={"ft_small": -1e39})), "eft.deltas.ft_small", ["[-10000, 10000]"]),
+    "coefficient_huge": (
+        lambda e: gen(e, eft=lambda: EFTSpec(preset="linear", coefficients={"base_large": 1e39})),
+        "eft.coefficients.base_large",
+        ["[-10000, 10000]"],
+    ),
     "temperature_nan": (lambda e: gen(e, sampling=lambda: SamplingParams(temperature=math.nan)), "sampling.temperature", ["finite"]),
     "top_p_0": (lambda e: gen(e, sampling=lambda: SamplingParams(top_p=0.0)), "sampling.top_p", ["(0, 1]"]),
     "top_p_1.5": (lambda e: gen(e, sampling=lambda: SamplingParams(top_p=1.5)), "sampling.top_p", ["(0, 1]"]),
@@ -349,3 +359,33 @@ def test_padded_embedding_rows_are_trimmed(tmp_path):
     assert all(0 <= t < V for t in out.token_ids)
     res = asyncio.run(eng.score(ScoreRequest([2, 3], [4, 5, 6], EFTSpec())))
     assert all(math.isfinite(x) and x <= 0 for x in res.logprobs)
+
+
+# -- every accepted value computes a finite, normalised distribution --------------------------
+
+
+EXTREMES = {
+    "temperature_min": dict(sampling=SamplingParams(temperature=1e-4, seed=3, max_new_tokens=6)),
+    "temperature_max": dict(sampling=SamplingParams(temperature=1e4, seed=3, max_new_tokens=6)),
+    "top_p_tiny": dict(sampling=SamplingParams(top_p=1e-45, seed=3, max_new_tokens=6)),
+    "top_p_denormal": dict(sampling=SamplingParams(top_p=5e-324, seed=3, max_new_tokens=6)),
+    "beta_max": dict(eft=EFTSpec(beta=1e4, weight_top_p=1e-45), sampling=SamplingParams(temperature=1e-4, seed=3, max_new_tokens=6)),
+    "beta_min": dict(eft=EFTSpec(beta=-1e4)),
+    "deltas_max": dict(eft=EFTSpec(deltas={"ft_small": 1e4, "ft_safe": -1e4})),
+    "coefficients_max": dict(eft=EFTSpec(preset="linear", coefficients={"base_large": 1e4, "base_small": -1e4, "ft_small": 1e4})),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTREMES), ids=list(EXTREMES))
+@pytest.mark.parametrize("k", [0, 2])
+def test_extreme_accepted_values_give_finite_distributions(engine, case, k):
+    """The edges of every range: generation runs (speculatively too) and Score's log-probs
+    are finite and at most 0; no NaN anywhere."""
+    fields = dict(EXTREMES[case])
+    fields.setdefault("sampling", SamplingParams(seed=3, max_new_tokens=6))
+    out = gen(engine, speculative=SpeculativeParams(k=k), **fields)
+    assert 1 <= len(out.token_ids) <= 6 and all(0 <= t < 62 for t in out.token_ids)
+    diagnosed = gen(engine, speculative=SpeculativeParams(k=k), diagnostics=True, **fields)
+    assert all(math.isfinite(d.logprob) and d.logprob <= 1e-6 for d in diagnosed.diagnostics)
+    scored = asyncio.run(engine.score(ScoreRequest(PROMPT, [5, 6, 7], fields.get("eft", EFTSpec()))))
+    assert all(math.isfinite(x) and x <= 1e-6 for x in scored.logprobs), scored.logprobs

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eft_router.core.spec import SamplingParams
 from eft_router.roles.interface import DraftItem, DraftParams, Role, ScoreItem
 from eft_router.roles.kv_cache import CacheFull, SessionTable
 from eft_router.roles.worker import RoleWorker, slot_bytes, width_groups

@@ -33,6 +33,7 @@ def nucleus_mask(logprobs: torch.Tensor, top_p: float | torch.Tensor) -> torch.T
     probs = sorted_lp.exp()
     mass_before = probs.cumsum(dim=-1) - probs
     keep_sorted = (mass_before < top_p) | (top_p >= 1.0)
+    keep_sorted[..., 0] = True  # a top-p below float32's smallest number still keeps one token
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 

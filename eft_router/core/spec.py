@@ -4,6 +4,12 @@ A spec is validated twice: its own fields when it is built (ranges, finiteness),
 the roles an engine actually serves when it is resolved into a :class:`CombinationPlan`.
 Every error is a :class:`SpecError` that names the offending field and what is allowed, so a
 server can hand it to its client unchanged.
+
+The ranges are those within which the float32 maths stays finite and normalised for any
+model: log-probs are at least about -10^2 (log_softmax of float32 logits), so coefficients,
+deltas and beta of magnitude up to :data:`MAX_COEFFICIENT` give scores far below float32's
+3.4e38, and a temperature of at least :data:`MIN_TEMPERATURE` divides them into at most about
+10^11; a nucleus always keeps its most likely token, so any top-p above 0 is safe.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ Preset = Literal["upscale", "downscale", "interpolate", "linear"]
 PRESETS: tuple[str, ...] = ("upscale", "downscale", "interpolate", "linear")
 MAX_SPECULATIVE_K = 32
 MAX_NEW_TOKENS = 4096
+MAX_COEFFICIENT = 1e4  # |beta|, |lambda|, |coefficient|: EFT's useful range is about [-3, 3]
+MIN_TEMPERATURE = 1e-4  # below it (and above 0, greedy) scores / T overflow float32
+MAX_TEMPERATURE = 1e4  # above it the distribution is uniform to float32 precision anyway
 
 
 class SpecError(ValueError):
@@ -44,6 +53,13 @@ def _finite(name: str, value: float) -> float:
     if not math.isfinite(value):
         raise SpecError(name, f"must be finite, got {value}")
     return float(value)
+
+
+def _coefficient(name: str, value: float) -> float:
+    value = _finite(name, value)
+    if abs(value) > MAX_COEFFICIENT:
+        raise SpecError(name, f"must be in [-{MAX_COEFFICIENT:g}, {MAX_COEFFICIENT:g}], got {value:g}")
+    return value
 
 
 def _int(name: str, value: int, lo: int, hi: int | None = None) -> int:
@@ -124,7 +140,7 @@ class EFTSpec:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise SpecError("eft.preset", f"must be one of {', '.join(PRESETS)}; got {self.preset!r}")
-        _finite("eft.beta", self.beta)
+        _coefficient("eft.beta", self.beta)
         _top_p("eft.weight_top_p", self.weight_top_p)
         for name, table in (("eft.deltas", self.deltas), ("eft.coefficients", self.coefficients)):
             if table is not None and not isinstance(table, Mapping):
@@ -132,7 +148,7 @@ class EFTSpec:
             for role, value in (table or {}).items():
                 if not isinstance(role, str) or not role:
                     raise SpecError(name, f"role names must be non-empty strings, got {role!r}")
-                _finite(f"{name}.{role}", value)
+                _coefficient(f"{name}.{role}", value)
         if self.preset == "linear":
             if not self.coefficients:
                 raise SpecError("eft.coefficients", "preset 'linear' needs at least one role coefficient")
@@ -208,8 +224,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         temperature = _finite("sampling.temperature", self.temperature)
-        if temperature < 0:
-            raise SpecError("sampling.temperature", f"must be >= 0 (0 is greedy), got {temperature}")
+        if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+            raise SpecError(
+                "sampling.temperature",
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature:g}",
+            )
         _int("sampling.top_k", self.top_k, 0)
         _top_p("sampling.top_p", self.top_p)
         if self.seed is not None:

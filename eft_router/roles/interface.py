@@ -108,6 +108,11 @@ class Role(Protocol):
         """Drop these sessions' caches; unknown sessions are ignored."""
         ...
 
+    async def probe(self, timeout_s: float) -> None:
+        """Return when the role can answer calls (every replica, when it has several);
+        raise :class:`RoleUnavailable` naming what does not answer within ``timeout_s``."""
+        ...
+
 
 class RoleError(RuntimeError):
     """A call to a role failed; ``role`` names it, ``cause`` is the underlying error."""

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..core.vocab import check_shared_vocabulary
 from .interface import Draft, DraftItem, RoleInfo, ScoreItem
+from .models import check_model
 from .worker import RoleWorker
 
 class LocalRole:
@@ -43,6 +44,10 @@ class LocalRole:
     async def release(self, session_ids: Sequence[str]) -> None:
         await self._run(self.worker.release, list(session_ids))
 
+    async def probe(self, timeout_s: float) -> None:
+        """In this process the role answers whenever the process does (a forward pass may
+        hold its thread, which is work, not an outage)."""
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
@@ -54,6 +59,8 @@ def load_local_roles(
     one vocabulary, and return the roles with the shared tokenizer (the first role's).
     ``worker_kwargs`` go to every :class:`RoleWorker` (``dtype``, ``device``,
     ``kv_cache_bytes``, ``max_seq_len``...), ``per_role[role]`` to that role's only."""
+    for role, path in models.items():
+        check_model(role, path)
     tokenizers = {role: AutoTokenizer.from_pretrained(path) for role, path in models.items()}
     vocab_size = check_shared_vocabulary(tokenizers)
     per_role = per_role or {}

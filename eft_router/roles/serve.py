@@ -28,7 +28,7 @@ from .interface import Draft, DraftItem, RoleFailed, RoleInfo, RoleUnavailable, 
 
 APP_PREFIX = "eft-"
 DEPLOYMENT_NAME = "RoleDeployment"
-SESSION_METHODS = frozenset({"score", "draft", "release"})  # first argument: the routing key
+SESSION_METHODS = frozenset({"score", "draft", "release", "ping"})  # first argument: the routing key
 REPLICAS: dict[str, tuple[str, ...]] = {}  # Serve application -> its live replica ids, as this process's handles see them
 
 
@@ -141,9 +141,16 @@ class ServeRole:
     async def release(self, session_ids: Sequence[str]) -> None:
         await self._fan_out("release", list(session_ids), list(session_ids))
 
-    async def probe(self, route: str) -> None:
-        """A no-op call (releasing nothing) routed to ``route``: a replica id, or any key."""
-        await self._call("release", route, [])
+    async def probe(self, timeout_s: float) -> None:
+        """Ping every replica this process's handle knows (any replica before it knows them)."""
+        await asyncio.gather(*(self._ping(route, timeout_s) for route in self.replicas() or ("",)))
+
+    async def _ping(self, route: str, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._call("ping", route), timeout_s)
+        except asyncio.TimeoutError as err:
+            what = f"replica {route}" if route else "no replica"
+            raise RoleUnavailable(self.info.name, TimeoutError(f"{what} answered within {timeout_s} s"), f"Serve application {self.app!r}") from err
 
 
 async def _await(response: Any) -> Any:

@@ -63,6 +63,7 @@ class RouterConfig(_Strict):
     grace_s: float = Field(default=5.0, ge=0)  # in-flight work gets this long at shutdown
     role_timeout_s: float | None = Field(default=120.0, gt=0)  # per role call (Serve backend)
     health_interval_s: float = Field(default=5.0, gt=0)  # how often the roles are probed
+    health_timeout_s: float = Field(default=2.0, gt=0)  # a replica that does not answer a probe this fast: NOT_SERVING
     auth_tokens: list[SecretStr] = Field(default_factory=list)
     auth_token_file: Path | None = None
     tls: TLSConfig | None = None

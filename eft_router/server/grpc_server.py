@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from transformers import PreTrainedTokenizerBase
 
 from ..api import eft_pb2, eft_pb2_grpc
-from ..core.spec import FT_SMALL
+from ..core.spec import FT_SMALL, SpecError
 from ..engine import Engine, StepStats
 from ..roles.interface import Role
 from .auth import BearerAuthInterceptor
@@ -34,7 +34,6 @@ from .servicer import EFTServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = eft_pb2.DESCRIPTOR.services_by_name["EFTService"].full_name  # "eft.v1.EFTService"
-HEALTH_PROBE_SESSION = "eft-health-probe"
 
 
 def _credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
@@ -47,6 +46,24 @@ def _credentials(config: RouterConfig) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def _check_defaults(defaults: RequestDefaults, roles: Mapping[str, Role], drafter: str | None) -> None:
+    """Refuse a server whose own defaults it cannot serve: every request that relies on
+    them would fail."""
+    try:
+        defaults.eft.resolve(list(roles))
+    except SpecError as err:
+        raise ValueError(
+            f"the server's default EFT spec cannot be served: {err}; add the role or set defaults.eft"
+        ) from None
+    if defaults.speculative.k > 0:
+        name = defaults.speculative.drafter or drafter
+        if name not in roles:
+            raise ValueError(
+                f"the server's default speculative drafter {name!r} is not served (served: {', '.join(roles)}); "
+                "set defaults.speculative.drafter or add the role"
+            )
 
 
 class Router:
@@ -62,6 +79,7 @@ class Router:
         backend: str = "local",
         drafter: str | None = FT_SMALL,
     ) -> None:
+        _check_defaults(defaults, roles, drafter)
         self.config = config
         self.metrics = Metrics()
         timed = {name: TimedRole(role, self.metrics) for name, role in roles.items()}
@@ -93,12 +111,17 @@ class Router:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
-        if self.config.metrics_port is not None:
-            from prometheus_client import start_http_server
+        try:
+            if self.config.metrics_port is not None:
+                from prometheus_client import start_http_server
 
-            self._metrics_http, _ = start_http_server(self.config.metrics_port, self.config.host, self.metrics.registry)
-            self.metrics_port = self._metrics_http.server_port
-        await self._probe_roles(raise_errors=True)
+                self._metrics_http, _ = start_http_server(self.config.metrics_port, self.config.host, self.metrics.registry)
+                self.metrics_port = self._metrics_http.server_port
+            # replicas may still be starting: the first probe waits longer than later ones
+            await self._probe_roles(self.config.health_interval_s * 6, raise_errors=True)
+        except BaseException:
+            await self.stop(grace_s=0)  # nothing stays bound or running behind a failed start
+            raise
         self._watch = asyncio.create_task(self._watch_roles())
         log.info("EFT router serving on %s (port %d, %s)", self.config.host, self.port, "TLS" if credentials else "plaintext")
         return self.port
@@ -112,23 +135,23 @@ class Router:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def _probe_roles(self, raise_errors: bool = False) -> None:
-        """A no-op call (releasing a session that does not exist) through every role."""
-        probes = [role.release([HEALTH_PROBE_SESSION]) for role in self.engine.roles.values()]
+    async def _probe_roles(self, timeout_s: float, raise_errors: bool = False) -> None:
+        """Every role (on Serve: every replica) answers a no-op call within ``timeout_s``,
+        or health is NOT_SERVING: a client would get UNAVAILABLE from a role that cannot."""
         try:
-            await asyncio.wait_for(asyncio.gather(*probes), self.config.health_interval_s * 6)
-        except Exception:
+            await asyncio.gather(*(role.probe(timeout_s) for role in self.engine.roles.values()))
+        except Exception as err:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             if raise_errors:
                 raise
-            log.warning("a role did not answer the health probe", exc_info=True)
+            log.warning("health: NOT_SERVING: %s", err)
         else:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _watch_roles(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            await self._probe_roles()
+            await self._probe_roles(self.config.health_timeout_s)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, give in-flight ones ``grace_s`` (default: the config's), then
@@ -142,6 +165,7 @@ class Router:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+            self._metrics_http = None
 
     async def wait(self) -> None:
         assert self._server is not None

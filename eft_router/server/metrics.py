@@ -73,3 +73,6 @@ class TimedRole:
 
     async def release(self, session_ids: Sequence[str]) -> None:
         await self._timed("release", self.role.release(session_ids))
+
+    async def probe(self, timeout_s: float) -> None:
+        await self.role.probe(timeout_s)
