@@ -34,8 +34,9 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 import ray
 import torch
@@ -43,7 +44,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.util import get_current_placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from eft_router.roles.interface import RoleInfo
+from eft_router.roles.interface import Draft, DraftItem, RoleInfo, ScoreItem
 from eft_router.roles.worker import DTYPES, RoleWorker
 
 COLLECTIVE_TIMEOUT_S = 60.0  # a rank waits this long for its peers in a collective, then raises
@@ -122,6 +123,41 @@ class _SessionsView:
         return self._group.call("sessions.cached_tokens")
 
 
+class LastUse:
+    """When each session was last used, by the replica's one clock.
+
+    Ranks never expire idle sessions on their own clocks: a session at the idle boundary
+    dropped on one rank and not on another would give the ranks different forward passes,
+    and the next collective would hang until its timeout. The replica decides, and tells
+    every rank which sessions to release.
+    """
+
+    def __init__(self, idle_s: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_s = idle_s
+        self.clock = clock
+        self._used: OrderedDict[str, float] = OrderedDict()
+
+    def touch(self, session_ids: Iterable[str]) -> None:
+        now = self.clock()
+        for session_id in session_ids:
+            self._used[session_id] = now
+            self._used.move_to_end(session_id)
+
+    def forget(self, session_ids: Iterable[str]) -> None:
+        for session_id in session_ids:
+            self._used.pop(session_id, None)
+
+    def expired(self) -> list[str]:
+        """The sessions idle for longer than ``idle_s`` (forgotten here once returned)."""
+        if self.idle_s is None:
+            return []
+        deadline = self.clock() - self.idle_s
+        out = []
+        while self._used and next(iter(self._used.values())) < deadline:
+            out.append(self._used.popitem(last=False)[0])
+        return out
+
+
 class TensorParallelWorker:
     """A ``RoleWorker`` sharded over ``tp_size`` rank actors, with the worker's interface.
 
@@ -132,13 +168,15 @@ class TensorParallelWorker:
     :class:`RoleWorker`'s keyword arguments except ``device`` (a rank uses its GPU if its
     bundle has one). Blocks until every rank has loaded its shard.
 
-    Worker methods (``score``, ``draft``, ``release``, batched variants...) and counters
-    (``computed_tokens``...) are forwarded by name (:meth:`__getattr__`). Calls are
-    serialised by a lock: every rank must see the same calls in the same order.
+    Worker methods and counters (``computed_tokens``...) are forwarded by name
+    (:meth:`__getattr__`); ``score``, ``draft`` and ``release`` also keep :class:`LastUse`,
+    which alone expires idle sessions (``session_idle_s``). Calls are serialised by a lock:
+    every rank must see the same calls in the same order.
     """
 
     def __init__(self, tp_size: int, **worker_kwargs: Any) -> None:
         self.role: str = worker_kwargs["name"]
+        self._idle = LastUse(worker_kwargs.pop("session_idle_s", None))
         pg = get_current_placement_group()
         if pg is None or len(pg.bundle_specs) < tp_size + 1 or placement_group_table(pg)["strategy"] != "STRICT_PACK":
             raise ValueError(
@@ -182,6 +220,27 @@ class TensorParallelWorker:
         return self.call(name)
 
     validate = RoleWorker.validate  # reads only self.info: no round trip to the ranks
+
+    def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
+        return self._calls("score", items)
+
+    def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
+        return self._calls("draft", items)
+
+    def _calls(self, name: str, items: Sequence[ScoreItem | DraftItem]) -> Any:
+        self.expire_idle_sessions()  # as a worker expires on every call, by the replica's clock
+        self._idle.touch(item.session_id for item in items)
+        return self.call(name, items)
+
+    def release(self, session_ids: Sequence[str]) -> None:
+        self._idle.forget(session_ids)
+        self.call("release", list(session_ids))
+
+    def expire_idle_sessions(self) -> list[str]:
+        expired = self._idle.expired()
+        if expired:
+            self.call("release", expired)
+        return expired
 
     @property
     def sessions(self) -> _SessionsView:

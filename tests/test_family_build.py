@@ -106,3 +106,36 @@ def test_the_cache_key_follows_the_training_data(monkeypatch):
     assert MINIATURE.digest() == before and replace(MINIATURE, seed=1).digest() != before
     monkeypatch.setattr(world, "REFUSAL", "No.")  # only the preference pairs' text changes
     assert MINIATURE.digest() != before
+
+
+def test_concurrent_builds_take_turns(tmp_path, monkeypatch):
+    """A second build of the same family while the first runs (another process, or here a
+    thread) waits for it and returns the family it built, instead of racing it to the
+    final rename; nothing is left aside."""
+    import threading
+
+    from eft_router.family import build as build_module
+
+    building, builds = threading.Event(), []
+    real = build_module._build
+
+    def counted(*args, **kwargs):
+        builds.append(threading.current_thread().name)
+        building.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_build", counted)
+    results = {}
+
+    def run(name: str) -> None:
+        results[name] = build_family(MINIATURE, root=tmp_path, quiet=True)
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert building.wait(120)  # the first is building; the second starts now
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    first.join(600)
+    second.join(600)
+    assert builds == ["first"] and results["first"] == results["second"]
+    assert [p.name for p in tmp_path.iterdir()] == [family_dir(MINIATURE, tmp_path).name]

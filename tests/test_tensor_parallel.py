@@ -175,3 +175,41 @@ def test_config_errors_name_the_field(family_paths, change, field):
     raw["roles"][SHARDED] |= change
     with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
         EnsembleConfig.model_validate(raw)
+
+
+# -- idle expiry: one clock for all ranks ------------------------------------------------------------
+
+
+def test_ranks_on_their_own_clocks_would_diverge(paths):
+    """The hazard, reproduced with two workers standing for two ranks: the same calls, each
+    run a few milliseconds after the other's, as ranks do. At the idle boundary one rank
+    drops the session and the other keeps it, so their next forward passes differ in shape
+    (between real ranks, the collective in it would hang)."""
+    from eft_router.roles.worker import RoleWorker
+
+    now = [1000.0]
+    ranks = [RoleWorker(SHARDED, paths[SHARDED], 62, kv_cache_bytes=KV_CACHE_BYTES, session_idle_s=30.0, clock=lambda: now[0]) for _ in range(2)]
+    for w in ranks:
+        w.score([ScoreItem("edge", [3, 4, 5], 1)])
+    for w, at in zip(ranks, (1029.999, 1030.003)):  # the second call reaches rank 1 4 ms later
+        now[0] = at
+        w.score([ScoreItem("edge", [3, 4, 5, 6], 1)])
+    assert [w.computed_tokens for w in ranks] == [3 + 1, 3 + 4]  # rank 1 recomputed the prefix, rank 0 did not
+
+
+def test_the_replica_expires_idle_sessions_for_every_rank():
+    from services.tensor_parallel import LastUse
+
+    now = [0.0]
+    idle = LastUse(30.0, clock=lambda: now[0])
+    idle.touch(["a", "b"])
+    now[0] = 20.0
+    idle.touch(["b", "c"])
+    now[0] = 30.5
+    assert idle.expired() == ["a"]  # decided once, then released on every rank alike
+    now[0] = 50.5
+    assert idle.expired() == ["b", "c"] and idle.expired() == []
+    idle.touch(["d"])
+    idle.forget(["d"])
+    now[0] = 1000.0
+    assert idle.expired() == [] and LastUse(None).expired() == []

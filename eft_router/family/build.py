@@ -16,16 +16,19 @@ loads.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -166,11 +169,32 @@ def _probe(config: FamilyConfig, world, directory: Path) -> dict:
 def build_family(
     config: FamilyConfig = DEFAULT, root: Path | None = None, force: bool = False, quiet: bool = False
 ) -> dict[str, str]:
-    """Return role -> model directory, building the family first if it is not cached."""
+    """Return role -> model directory, building the family first if it is not cached.
+    Concurrent builds (two processes, the same cache) take turns: the later one finds the
+    family the first one built."""
     target = family_dir(config, root)
     if (target / MANIFEST).exists() and not force:
         return role_paths(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent):
+        if (target / MANIFEST).exists() and not force:
+            return role_paths(target)
+        return _build(config, target, quiet)
+
+
+@contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` (flock on its file descriptor: released when the
+    holder exits, however it exits)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(config: FamilyConfig, target: Path, quiet: bool) -> dict[str, str]:
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
         started = time.perf_counter()
