@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -37,7 +38,7 @@ from bench_engine import ROLES, bench_models, bench_prompts
 from load import Load, run_streams
 from eft_router.core.spec import SamplingParams, SpeculativeParams
 from eft_router.engine import Engine, GenerationRequest
-from eft_router.roles.serve import aconnect_serve_roles
+from eft_router.roles.serve import SERVE_FLAG, aconnect_serve_roles
 
 
 async def forward_seconds(engine: Engine) -> float:
@@ -120,6 +121,8 @@ async def bench(paths: dict[str, str], args: argparse.Namespace) -> None:
     for n in (lo, 16 if 16 in args.streams else hi):
         ratios = ", ".join(f"{'plain' if k == 0 else f'k={k}'} {tps[(n, k, 'Serve')] / tps[(n, k, 'in-process')]:.2f}" for k in (0, 4))
         print(f"Serve / in-process at {n} stream(s): {ratios}")
+    for role in engines["Serve"].roles.values():
+        await role.close()  # its handle, on this loop (Serve's shutdown runs after the loop closes)
 
 
 def main() -> None:
@@ -131,6 +134,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8], help="speculative k besides 4 (the best is marked)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    os.environ.setdefault(SERVE_FLAG, "1")  # as `eft serve` runs Serve; before Ray starts
 
     from ray import serve
 

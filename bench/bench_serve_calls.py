@@ -7,8 +7,8 @@ asyncio caller, one call at a time (median latency) and from 16 concurrent calle
 
 * default: Serve's defaults;
 * gRPC transport: ``handle.options(_by_reference=False)``;
-* router on the caller's loop: ``handle.options(_run_router_in_separate_loop=False)`` (no
-  hop to Serve's router thread per call);
+* router on the caller's loop: ``handle._init(_run_router_in_separate_loop=False)`` before
+  the first call (no hop to Serve's router thread per call);
 * both handle options;
 * the same, and the replica's user code on its main loop
   (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` in the replica's runtime environment);
@@ -28,19 +28,19 @@ import subprocess
 import sys
 import time
 
-FAST = {"_by_reference": False, "_run_router_in_separate_loop": False}
+GRPC, LOOP = {"_by_reference": False}, {"_run_router_in_separate_loop": False}
 REPLICA_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
-SETTINGS = {  # name: (environment before Ray starts, handle options, replica runtime_env)
-    "default": ({}, {}, None),
-    "gRPC handle transport": ({}, {"_by_reference": False}, None),
-    "router on the caller's loop": ({}, {"_run_router_in_separate_loop": False}, None),
-    "both handle options": ({}, FAST, None),
-    "both, replica code on its loop": ({}, FAST, REPLICA_LOOP),
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}, None),
+SETTINGS = {  # name: (environment before Ray starts, handle init options, handle options, replica runtime_env)
+    "default": ({}, {}, {}, None),
+    "gRPC handle transport": ({}, {}, GRPC, None),
+    "router on the caller's loop": ({}, LOOP, {}, None),
+    "both handle options": ({}, LOOP, GRPC, None),
+    "both, replica code on its loop": ({}, LOOP, GRPC, REPLICA_LOOP),
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}, {}, None),
 }
 
 
-def child(options: dict, runtime_env: dict | None, calls: int) -> dict[str, float]:
+def child(init: dict, options: dict, runtime_env: dict | None, calls: int) -> dict[str, float]:
     import ray
     import torch
     from ray import serve
@@ -53,11 +53,14 @@ def child(options: dict, runtime_env: dict | None, calls: int) -> dict[str, floa
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
-        handle = serve.run(Rows.bind(), name="rows", route_prefix=None)
-        if options:
-            handle = handle.options(**options)
+        serve.run(Rows.bind(), name="rows", route_prefix=None)
 
         async def measure() -> dict[str, float]:
+            handle = serve.get_deployment_handle("Rows", app_name="rows")
+            if init:
+                handle._init(**init)  # before the first call, on the loop that will use it
+            if options:
+                handle = handle.options(**options)
             for _ in range(50):
                 await handle.rows.remote()
             one = []
@@ -73,23 +76,23 @@ def child(options: dict, runtime_env: dict | None, calls: int) -> dict[str, floa
             started = time.perf_counter()
             await asyncio.gather(*(caller() for _ in range(16)))
             result = {"one_ms": 1e3 * statistics.median(one), "calls_per_s": 16 * (calls // 4) / (time.perf_counter() - started)}
-            await serve.shutdown_async()  # on this loop: a router bound to it cannot outlive it
+            await handle.shutdown_async()  # on this loop: a router bound to it cannot outlive it
             return result
 
         return asyncio.run(measure())
     finally:
-        ray.shutdown()
+        ray.shutdown()  # the private cluster whole (see services.launch.ray_session)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, options, runtime_env = SETTINGS[sys.argv[2]]
-        print(json.dumps(child(options, runtime_env, int(sys.argv[3]))))
+        _, init, options, runtime_env = SETTINGS[sys.argv[2]]
+        print(json.dumps(child(init, options, runtime_env, int(sys.argv[3]))))
         return
     calls = 400
     print(f"a handle call returning a [5, 1024] float32 tensor; median of {calls} single calls, and 16 concurrent callers")
     print(f"{'setting':<36} {'one call ms':>12} {'16 callers calls/s':>19}")
-    for name, (env, _, _) in SETTINGS.items():
+    for name, (env, *_) in SETTINGS.items():
         out = subprocess.run(
             [sys.executable, __file__, "--child", name, str(calls)],
             env={**os.environ, **env}, capture_output=True, text=True, check=True, timeout=600,

@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from eft_router.core.spec import FT_SMALL, EFTSpec, SamplingParams, SpecError, SpeculativeParams
-from eft_router.roles.serve import APP_PREFIX, DEPLOYMENT_NAME
+from eft_router.roles.serve import APP_PREFIX, DEPLOYMENT_NAME, SERVE_FLAG
 from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES
 from eft_router.server.config import RouterConfig
 from eft_router.server.messages import RequestDefaults
@@ -163,6 +163,10 @@ class RoleConfig(_Strict):
         else:
             options["num_replicas"] = self.num_replicas or 1
         actor = self.ray_actor_options.to_dict()
+        # Serve's throughput-optimized settings in every replica (user code on the replica's
+        # event loop, buffered request logs): measured in bench/bench_serve_calls.py
+        runtime_env = actor.get("runtime_env") or {}
+        actor["runtime_env"] = {**runtime_env, "env_vars": {SERVE_FLAG: "1", **runtime_env.get("env_vars", {})}}
         if self.tp_size > 1:
             options["placement_group_bundles"] = self._bundles(actor, actor.pop("num_gpus", 0))
             options["placement_group_strategy"] = "STRICT_PACK"  # the ranks rendezvous on the replica's node

@@ -43,7 +43,12 @@ def family_config(paths: Mapping[str, str], num_cpus: float = 0.25) -> EnsembleC
 @contextmanager
 def ray_session(address: str | None) -> Iterator[bool]:
     """Connect to the Ray cluster at ``address`` (``auto``: the one this machine belongs to),
-    or, with None, start a private local one and stop it on exit. Yields whether it started one."""
+    or, with None, start a private local one and stop it on exit. Yields whether it started one.
+
+    A private cluster is stopped whole (``ray.shutdown`` ends every process of it, Serve's
+    controller and replicas included), without ``serve.shutdown`` first: with Serve's
+    throughput-optimized settings that call waits out its 30 s timeout for a controller
+    that is already gone."""
     import ray
 
     if address is None:
@@ -53,10 +58,6 @@ def ray_session(address: str | None) -> Iterator[bool]:
     try:
         yield address is None
     finally:
-        if address is None:
-            from ray import serve
-
-            serve.shutdown()
         ray.shutdown()
 
 
@@ -89,7 +90,7 @@ def router_factory(config: EnsembleConfig, backend: Backend) -> Callable[[], Awa
         else:
             roles = await aconnect_serve_roles(list(config.roles), call_timeout_s=router_config.role_timeout_s, app_prefix=config.app_prefix)
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path())
-        return Router(roles, tokenizer, router_config, config.request_defaults(), backend, config.drafter)
+        return Router(roles, tokenizer, router_config, config.request_defaults(), backend, config.drafter, owns_roles=True)
 
     return make
 

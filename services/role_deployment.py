@@ -16,8 +16,7 @@ import asyncio
 import hashlib
 import json
 import random
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import ray
 import torch
@@ -99,18 +98,19 @@ class SessionAffinityRouter(RequestRouter):
 class RoleDeployment:
     """A replica of one role.
 
-    Concurrency: the methods are ``async`` and every call that touches the worker (model or
-    session caches) runs on one dedicated worker thread, in arrival order. Not plain sync
-    methods, because Serve 2.60 may run sync methods in a thread pool, several at once, and
-    the worker is single-threaded by design (its session table and KV slots are not thread
-    safe). Not the worker inline on the event loop either: a forward pass would then block
-    the replica's loop, which also answers health checks and reports queue metrics to the
-    autoscaler.
+    Concurrency: the methods are ``async`` and run the worker inline on the replica's event
+    loop, one call at a time (the worker is single-threaded by design: its session table and
+    KV slots are not thread safe). Not plain sync methods, which Serve 2.60 may run in a
+    thread pool, several at once. Not a worker thread either: measured on the embedded family,
+    a thread hop per call and the GIL it contends for cost more than they save (through
+    Serve, 16 streams, k = 4: 449 against 539 tokens/s inline). A forward pass then holds
+    the loop for its duration (milliseconds here): Serve's health checks and metrics wait
+    that long, and ``ping`` answers between calls.
 
     Batching is the engine's: each call carries every session of a step that this replica
     owns, and runs as one batched forward pass (per draft step). Calls from several routers
-    sharing the role queue for the worker thread. Items are validated before they reach the
-    thread, so a bad call fails alone and fast.
+    sharing the role run in turn. Items are validated first, so a bad call fails alone and
+    fast.
 
     Results travel packed: one float32 CPU tensor per call (Serve pickles it to the caller).
     """
@@ -151,10 +151,6 @@ class RoleDeployment:
         self.worker: RoleWorker | TensorParallelWorker = (
             TensorParallelWorker(tp_size, **args) if tp_size > 1 else RoleWorker(**args, device=_pick_device())
         )
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"role-{role}",
-            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),),
-        )
         # The session table sees idleness only when a call touches it: sweep, so that an
         # abandoned session goes even when no further call comes (at most 1.5 x session_idle_s
         # after its last call). The constructor runs on the replica's event loop.
@@ -162,34 +158,31 @@ class RoleDeployment:
         if session_idle_s is not None:
             self._sweeper = asyncio.get_running_loop().create_task(self._expire_idle_sessions(session_idle_s / 2))
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def _expire_idle_sessions(self, every_s: float) -> None:
         while True:
             await asyncio.sleep(every_s)
-            await self._run(self.worker.expire_idle_sessions)
+            self.worker.expire_idle_sessions()
 
     # -- the role calls ----------------------------------------------------------------------
 
     async def score(self, route: str, items: Sequence[ScoreItem]) -> tuple[torch.Tensor, list[int]]:
         """All items' rows in one tensor, and each item's row count."""
-        self.worker.validate(items)
-        rows = await self._run(self.worker.score, items)
+        rows = self.worker.score(items)
         return _packed(rows), [len(r) for r in rows]
 
     async def draft(self, route: str, items: Sequence[DraftItem]) -> tuple[list[list[int]], torch.Tensor]:
         """Each item's drafted tokens, and all items' rows in one tensor."""
-        self.worker.validate(items)
-        drafts = await self._run(self.worker.draft, items)
+        drafts = self.worker.draft(items)
         return [d.tokens for d in drafts], _packed([d.logprobs for d in drafts])
 
     async def release(self, route: str, session_ids: Sequence[str]) -> None:
-        await self._run(self.worker.release, list(session_ids))
+        self.worker.release(list(session_ids))
 
     async def ping(self, route: str) -> None:
-        """The router's health probe of this replica: answered on the replica's event loop,
-        not behind the forward passes queued for the worker thread."""
+        """The router's health probe of this replica: what ``check_health`` checks (a
+        tensor-parallel replica's ranks answer), so a replica a client would get UNAVAILABLE
+        from does not answer."""
+        await self.check_health()
 
     # -- metadata, introspection, health ------------------------------------------------------
 
@@ -206,33 +199,25 @@ class RoleDeployment:
 
     async def sessions(self) -> list[str]:
         """Ids of the sessions cached on this replica, least recently used first."""
-        return await self._run(lambda: self.worker.sessions.ids())
+        return self.worker.sessions.ids()
 
     async def stats(self) -> dict[str, Any]:
         """This replica's id and cache state (for tests and metrics)."""
-
-        def read() -> dict[str, Any]:
-            w = self.worker
-            return {
-                "sessions": w.sessions.ids(),
-                "cached_tokens": w.sessions.cached_tokens,
-                "computed_tokens": w.computed_tokens,
-                "forward_passes": w.forward_passes,
-                "forward_rows": w.forward_rows,
-                "forward_seconds": w.forward_seconds,
-            }
-
-        out = await self._run(read)
-        out["replica"] = serve.get_replica_context().replica_id.unique_id
-        out["node"] = ray.get_runtime_context().get_node_id()  # where the config placed it
-        return out
+        w = self.worker
+        return {
+            "sessions": w.sessions.ids(),
+            "cached_tokens": w.sessions.cached_tokens,
+            "computed_tokens": w.computed_tokens,
+            "forward_passes": w.forward_passes,
+            "forward_rows": w.forward_rows,
+            "forward_seconds": w.forward_seconds,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": ray.get_runtime_context().get_node_id(),  # where the config placed it
+        }
 
     async def check_health(self) -> None:
-        """Serve's periodic health check: runs on the event loop, so a long forward pass on
-        the worker thread does not fail it; a broken worker thread does, and so does a
+        """Serve's periodic health check: a failed idle-session sweep fails it, and so does a
         failed or unresponsive tensor-parallel rank."""
-        if self._executor._shutdown:  # noqa: SLF001 - no public flag
-            raise RuntimeError(f"role {self.worker.info.name!r}: worker thread is shut down")
         if self._sweeper is not None and self._sweeper.done():  # it only ends by raising
             raise RuntimeError(f"role {self.worker.info.name!r}: idle-session sweep failed") from self._sweeper.exception()
         if isinstance(self.worker, TensorParallelWorker):
@@ -242,9 +227,6 @@ class RoleDeployment:
         sweeper = getattr(self, "_sweeper", None)
         if sweeper is not None:
             sweeper.cancel()
-        executor = getattr(self, "_executor", None)
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
         worker = getattr(self, "worker", None)
         if isinstance(worker, TensorParallelWorker):
             worker.shutdown()

@@ -31,13 +31,23 @@ def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, **k
 @pytest.mark.parametrize("spec", list(SPECS), ids=list(SPECS))
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_speculative_equals_plain(engine, prompt, spec):
-    plain = run(engine, prompt, eft=SPECS[spec])
+    """Plain and every speculative variant of one request, all at once (they share steps)."""
+    ids = engine.tokenizer(prompt)["input_ids"]
+    variants = [(0, 0.0), (1, 0.0), (2, 0.0), (4, 0.0), (8, 0.0), (4, 0.2), (8, 0.3)]
+
+    async def all_at_once():
+        requests = [
+            GenerationRequest(ids, eft=SPECS[spec], sampling=GREEDY, speculative=SpeculativeParams(k=k, confidence=c))
+            for k, c in variants
+        ]
+        return await asyncio.gather(*map(engine.generate, requests))
+
+    plain, *fast = asyncio.run(all_at_once())
     assert plain.stats.blocks == len(plain.token_ids)  # plain: one token per step
-    for k, confidence in [(1, 0.0), (2, 0.0), (4, 0.0), (8, 0.0), (4, 0.2), (8, 0.3)]:
-        fast = run(engine, prompt, k=k, eft=SPECS[spec], confidence=confidence)
-        assert fast.token_ids == plain.token_ids, f"k={k}, confidence={confidence}"
-        assert fast.text == plain.text and fast.finish_reason == plain.finish_reason
-        assert fast.stats.blocks <= plain.stats.blocks
+    for (k, confidence), out in zip(variants[1:], fast):
+        assert out.token_ids == plain.token_ids, f"k={k}, confidence={confidence}"
+        assert out.text == plain.text and out.finish_reason == plain.finish_reason
+        assert out.stats.blocks <= plain.stats.blocks
 
 
 def test_speculation_accepts_and_rejects(engine):

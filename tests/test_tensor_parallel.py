@@ -140,6 +140,8 @@ def test_dead_rank_fails_fast_and_fails_health_check(serve_roles):
     assert time.monotonic() - started < 10  # not the 60 s collective timeout
     with pytest.raises(RoleFailed, match=f"'{SHARDED}'.*rank 1 failed"):
         asyncio.run(role._call("check_health"))
+    with pytest.raises(RoleFailed, match=f"'{SHARDED}'.*rank 1 failed"):  # the router's health probe sees it too
+        asyncio.run(role.probe(5.0))
 
 
 # -- config -------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from ..core.combine import combine, combine_rows, plan_rows
 from ..core.sampling import sampling_probs
 from ..core.spec import BASE_LARGE, BASE_SMALL, FT_LARGE, FT_SMALL, SpecError
 from ..core.stopping import StopChecker
-from ..roles.interface import Draft, DraftItem, DraftParams, Role, ScoreItem
+from ..roles.interface import Draft, DraftItem, DraftParams, PartialFailure, Role, ScoreItem
 from .request import Generation, GenerationRequest, GenerationStats, ScoreRequest, ScoreResult, StreamChunk, TokenDiagnostics
 from .scheduler import Scheduler, SchedulerConfig, StepPlan, Work
 from .state import END, GenerationState, RequestState, ScoreState
@@ -301,14 +301,18 @@ class Engine:
         replies = await asyncio.gather(*(self._call(r, method, [it for _, it in calls[r]]) for r in roles), return_exceptions=True)
         out: dict[RequestState, dict[str, Any]] = {}
         for role, reply in zip(roles, replies):
-            if isinstance(reply, BaseException):
+            errors: dict[int, BaseException] = {}
+            if isinstance(reply, PartialFailure):  # one replica of several failed: its requests end
+                errors, reply = reply.errors, reply.results
+            elif isinstance(reply, BaseException):
                 if not isinstance(reply, Exception):
                     raise reply
-                for request, _ in calls[role]:
-                    request.finish(reply)
-                continue
-            for (request, _), result in zip(calls[role], reply):
-                out.setdefault(request, {})[role] = result
+                errors, reply = dict.fromkeys(range(len(calls[role])), reply), [None] * len(calls[role])
+            for i, ((request, _), result) in enumerate(zip(calls[role], reply)):
+                if i in errors:
+                    request.finish(errors[i])
+                else:
+                    out.setdefault(request, {})[role] = result
         return out
 
     @staticmethod

@@ -136,3 +136,15 @@ class RoleFailed(RoleError):
 
     def __init__(self, role: str, cause: BaseException, where: str = "") -> None:
         super().__init__(role, cause, "failed", where)
+
+
+class PartialFailure(RoleError):
+    """Some items of a call failed (the replica that owns them died) and the others have
+    results: ``results[i]`` for the items not in ``errors`` (item index -> its error), so
+    that a fault costs only the requests it touches."""
+
+    def __init__(self, role: str, results: list, errors: dict[int, RoleError]) -> None:
+        first = next(iter(errors.values()))
+        super().__init__(role, first.cause, f"failed for {len(errors)} of {len(results)} items")
+        self.results = results
+        self.errors = errors

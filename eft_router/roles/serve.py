@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..core.vocab import MAX_LISTED, VocabularyMismatch, differences
-from .interface import Draft, DraftItem, RoleFailed, RoleInfo, RoleUnavailable, ScoreItem
+from .interface import Draft, DraftItem, PartialFailure, RoleError, RoleFailed, RoleInfo, RoleUnavailable, ScoreItem
 
 APP_PREFIX = "eft-"
 DEPLOYMENT_NAME = "RoleDeployment"
+SERVE_FLAG = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # set to "1" in the processes the project starts
 SESSION_METHODS = frozenset({"score", "draft", "release", "ping"})  # first argument: the routing key
 REPLICAS: dict[str, tuple[str, ...]] = {}  # Serve application -> its live replica ids, as this process's handles see them
 
@@ -49,25 +50,37 @@ def owner(key: str, replica_ids: Sequence[str]) -> str:
 
 
 def _map_error(role: str, err: BaseException, app: str) -> BaseException:
-    """The exception to raise for ``err``; cancellation passes through unchanged."""
-    from ray.exceptions import RayTaskError, TaskCancelledError
+    """The exception to raise for ``err``; cancellation passes through unchanged. Ray's and
+    Serve's own errors (a dead or unreachable replica, back-pressure, a timeout) mean the role
+    is unavailable; anything else is the replica's own exception (wrapped in a
+    ``RayTaskError``, or shipped as it is by the gRPC transport): the role failed."""
+    from ray.exceptions import RayError, RayTaskError, TaskCancelledError
+    from ray.serve.exceptions import RayServeException, RequestCancelledError
 
     where = f"Serve application {app!r}"
-    if isinstance(err, (asyncio.CancelledError, TaskCancelledError)):
+    if isinstance(err, (asyncio.CancelledError, TaskCancelledError, RequestCancelledError)):
         return err
-    if isinstance(err, RayTaskError):  # user code raised inside the replica
+    if isinstance(err, RayTaskError):
         cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
         return RoleFailed(role, cause, where)
-    return RoleUnavailable(role, err, where)  # RayServeException, RayActorError, timeouts, ...
+    if isinstance(err, (RayError, RayServeException, TimeoutError, ConnectionError)):
+        return RoleUnavailable(role, err, where)
+    return RoleFailed(role, err, where)
 
 
 def _handle(role: str, app: str) -> Any:
+    """A handle of the role's deployment of its own (not Serve's shared, cached one: a role
+    shuts its handle down on the event loop that used it, which Serve's ``shutdown`` could
+    not do once that loop is closed), with the gRPC transport (measured faster than passing
+    requests by object reference: ``bench/bench_serve_calls.py``)."""
     from ray import serve
+    from ray.serve.handle import DeploymentHandle
 
     try:
-        return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app)
+        serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app)  # raises if the application is not deployed
     except Exception as err:
         raise RoleUnavailable(role, err, f"Serve application {app!r}") from err
+    return DeploymentHandle(DEPLOYMENT_NAME, app).options(_by_reference=False)
 
 
 class ServeRole:
@@ -114,32 +127,48 @@ class ServeRole:
             groups.setdefault(owner(key, replicas), []).append(i)
         return groups
 
-    async def _fan_out(self, method: str, items: Sequence[Any], keys: Sequence[str]) -> list[tuple[list[int], Any]]:
-        groups = self._by_replica(keys)
+    async def _fan_out(self, method: str, items: Sequence[Any], unpack: Callable[[Any], list]) -> list:
+        """One call per replica (its part of ``items``), results back in the items' order;
+        ``unpack`` turns a part's reply into its results. A failed part fails its items only
+        (:class:`PartialFailure`); when every part fails, the call raises that error."""
+        groups = self._by_replica([item if isinstance(item, str) else item.session_id for item in items])
         replies = await asyncio.gather(
             *(self._call(method, route, [items[i] for i in where]) for route, where in groups.items()), return_exceptions=True
         )
-        for reply in replies:  # every call has ended: none stores a cache after the caller moves on
+        # every part has ended here: none stores a cache after the caller moves on
+        out: list = [None] * len(items)
+        errors: dict[int, RoleError] = {}
+        for where, reply in zip(groups.values(), replies):
             if isinstance(reply, BaseException):
-                raise reply
-        return list(zip(groups.values(), replies))
+                if not isinstance(reply, RoleError):
+                    raise reply
+                errors.update({i: reply for i in where})
+                continue
+            for i, result in zip(where, unpack(reply)):
+                out[i] = result
+        if errors:
+            if len(errors) == len(items):
+                raise next(iter(errors.values()))
+            raise PartialFailure(self.info.name, out, errors)
+        return out
 
     async def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
-        for where, (rows, counts) in await self._fan_out("score", items, [it.session_id for it in items]):
-            for i, r in zip(where, torch.split(rows, counts)):
-                out[i] = r
-        return out
+        return await self._fan_out("score", items, lambda reply: list(torch.split(*reply)))
 
     async def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
-        out: list[Draft] = [Draft([], torch.empty(0))] * len(items)
-        for where, (tokens, rows) in await self._fan_out("draft", items, [it.session_id for it in items]):
-            for i, t, r in zip(where, tokens, torch.split(rows, [len(t) + 1 for t in tokens])):
-                out[i] = Draft(t, r)
-        return out
+        def unpack(reply: tuple[list[list[int]], torch.Tensor]) -> list[Draft]:
+            tokens, rows = reply
+            return [Draft(t, r) for t, r in zip(tokens, torch.split(rows, [len(t) + 1 for t in tokens]))]
+
+        return await self._fan_out("draft", items, unpack)
 
     async def release(self, session_ids: Sequence[str]) -> None:
-        await self._fan_out("release", list(session_ids), list(session_ids))
+        await self._fan_out("release", list(session_ids), lambda reply: [None] * len(session_ids))
+
+    async def close(self) -> None:
+        """Shut the handle down (on the loop that used it: with Serve's throughput-optimized
+        settings its router lives on that loop)."""
+        await self.handle.shutdown_async()
 
     async def probe(self, timeout_s: float) -> None:
         """Ping every replica this process's handle knows (any replica before it knows them)."""

@@ -78,8 +78,11 @@ class Router:
         defaults: RequestDefaults = RequestDefaults(),
         backend: str = "local",
         drafter: str | None = FT_SMALL,
+        owns_roles: bool = False,
     ) -> None:
         _check_defaults(defaults, roles, drafter)
+        self.roles = dict(roles)
+        self.owns_roles = owns_roles  # close them when the router stops (the router built them)
         self.config = config
         self.metrics = Metrics()
         timed = {name: TimedRole(role, self.metrics) for name, role in roles.items()}
@@ -162,6 +165,9 @@ class Router:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
         await self.engine.close()
+        if self.owns_roles:
+            await asyncio.gather(*(role.close() for role in self.roles.values() if hasattr(role, "close")))
+            self.owns_roles = False
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
