@@ -1,0 +1,195 @@
+"""Soak: N streams for M minutes against a router, mixed requests, some cancelled.
+
+Starts the router itself (``eft serve``, the embedded family, on the in-process backend or
+on a private local Ray with ``--local``) so that it can watch its processes, or joins one
+at ``--target``. Each stream sends requests back to back: greedy and seeded, plain and
+speculative, up-scaled and interpolated, stop strings, short and long; one in
+``--cancel-every`` is abandoned after its first chunk. Health is polled every second
+throughout.
+
+It prints errors by status (cancellations it made itself are expected, anything else is
+not), p50 and p99 latency and time to first token, health NOT_SERVING counts, and the
+resident memory of the router and of every Serve replica (on ``--local``) over time: after
+warm-up it should stay flat.
+
+  python bench/soak.py --streams 64 --minutes 10            # in-process backend
+  python bench/soak.py --streams 16 --minutes 5 --local     # roles as Serve deployments
+  python bench/soak.py --target localhost:50051 --streams 8 --minutes 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from load import quantile
+from eft_router.server.client import AsyncEFTClient, EFTClient
+
+QUESTIONS = ["What is the birthplace of Ada Park?", "Who employs Tada Lozo?", "What is the profession of Brennis Ralli?", "Tell me about w1."]
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def replica_pids() -> dict[str, int]:
+    """Serve replica processes on this machine, by the role their command line names."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ServeReplica:eft-" in cmd:
+            role = cmd.split("ServeReplica:eft-", 1)[1].split(":")[0].split("#")[0].split()[0]
+            out[f"{role}:{proc.name}"] = int(proc.name)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_router(local: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    eft = Path(sys.executable).parent / "eft"
+    args = [str(eft), "serve", "--local" if local else "--in-process", "--port", str(port), "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    target = f"localhost:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"eft serve exited: {proc.stdout.read()}")
+        try:
+            with EFTClient(target) as c:
+                if c.health(timeout=2) == "SERVING":
+                    return proc, target
+        except grpc.RpcError:
+            pass
+        time.sleep(1)
+    raise SystemExit("eft serve did not become SERVING within 10 minutes")
+
+
+def request_params(rng: random.Random) -> dict:
+    kind = rng.choice(["greedy", "seeded", "long", "stop", "interpolate"])
+    params = dict(max_tokens=rng.choice([8, 16, 32]), k=rng.choice([0, 2, 4]))
+    if kind == "greedy":
+        params.update(temperature=0.0)
+    elif kind == "seeded":
+        params.update(temperature=1.0, seed=rng.randrange(1 << 30), top_p=0.9)
+    elif kind == "long":
+        params.update(temperature=0.8, max_tokens=96, ignore_eos=True)
+    elif kind == "stop":
+        params.update(temperature=0.0, stop=["is"])
+    else:
+        params.update(preset="interpolate", deltas={"ft_small": 0.5, "ft_small_safe": 0.5}, temperature=0.7)
+    return params
+
+
+async def soak(target: str, streams: int, seconds: float, cancel_every: int, watch, report_every: float) -> None:
+    statuses: collections.Counter = collections.Counter()
+    latencies, ttfts, health = [], [], collections.Counter()
+    done = time.monotonic() + seconds
+
+    async with AsyncEFTClient(target, timeout=120) as client:
+
+        async def stream(i: int) -> None:
+            rng = random.Random(i)
+            n = 0
+            while time.monotonic() < done:
+                n += 1
+                started, first = time.monotonic(), None
+                cancel = n % cancel_every == 0
+                try:
+                    async for chunk in client.stream([{"role": "user", "content": rng.choice(QUESTIONS)}], **request_params(rng)):
+                        first = first or time.monotonic()
+                        if cancel:
+                            break
+                    statuses["CANCELLED (by the soak)" if cancel else "OK"] += 1
+                    if not cancel:
+                        latencies.append(time.monotonic() - started)
+                        ttfts.append((first or time.monotonic()) - started)
+                except grpc.RpcError as err:
+                    statuses[err.code().name] += 1
+
+        async def poll_health() -> None:
+            while time.monotonic() < done:
+                try:
+                    health[await client.health(timeout=2)] += 1
+                except grpc.RpcError as err:
+                    health[f"error {err.code().name}"] += 1
+                await asyncio.sleep(1)
+
+        async def report() -> None:
+            started = time.monotonic()
+            while time.monotonic() < done:
+                watch(time.monotonic() - started)
+                await asyncio.sleep(report_every)
+
+        await asyncio.gather(*(stream(i) for i in range(streams)), poll_health(), report())
+
+    print()
+    print(f"{streams} streams for {seconds / 60:.1f} min: {sum(statuses.values())} requests")
+    print("outcomes: " + ", ".join(f"{k} {v}" for k, v in statuses.most_common()))
+    unexpected = sum(v for k, v in statuses.items() if k not in ("OK", "CANCELLED (by the soak)"))
+    print(f"unexpected errors: {unexpected}")
+    print(f"latency p50 {quantile(latencies, 0.5):.2f} s, p99 {quantile(latencies, 0.99):.2f} s; "
+          f"time to first token p50 {quantile(ttfts, 0.5):.2f} s, p99 {quantile(ttfts, 0.99):.2f} s")
+    print("health polls: " + ", ".join(f"{k} {v}" for k, v in health.most_common()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--minutes", type=float, default=5)
+    parser.add_argument("--local", action="store_true", help="roles as Serve deployments on a private Ray (default: in-process)")
+    parser.add_argument("--target", default=None, help="a running router instead of starting one")
+    parser.add_argument("--cancel-every", type=int, default=7, help="abandon every n-th request of a stream after its first chunk")
+    parser.add_argument("--report-every", type=float, default=30.0, help="seconds between memory readings")
+    args = parser.parse_args()
+
+    proc, target = (None, args.target) if args.target else start_router(args.local)
+    rows: list[tuple[float, dict[str, float]]] = []
+
+    def watch(elapsed: float) -> None:
+        pids = {"router": proc.pid} if proc else {}
+        pids.update(replica_pids())
+        reading = {name: rss_mb(pid) for name, pid in pids.items()}
+        rows.append((elapsed, {k: v for k, v in reading.items() if v is not None}))
+        print(f"  {elapsed:6.0f} s  " + "  ".join(f"{k} {v:.0f} MB" for k, v in rows[-1][1].items()), flush=True)
+
+    try:
+        print(f"soak: {args.streams} streams for {args.minutes} min against {target}; resident memory every {args.report_every:.0f} s:")
+        asyncio.run(soak(target, args.streams, 60 * args.minutes, args.cancel_every, watch, args.report_every))
+        if len(rows) >= 3:
+            warm, last = rows[1][1], rows[-1][1]  # after the first reading (warm-up)
+            growth = {k: 100 * (last[k] - warm[k]) / warm[k] for k in last if k in warm}
+            print("memory growth after warm-up: " + ", ".join(f"{k} {g:+.1f}%" for k, g in growth.items()))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
