@@ -30,7 +30,7 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
-	$(PY) bench/bench_grpc.py
+	$(PY) bench/bench_fronts.py
 	$(PY) bench/bench_serve.py
 
 family: $(STAMP)

@@ -13,7 +13,10 @@ asyncio caller, one call at a time (median latency) and from 16 concurrent calle
 * the same, and the replica's user code on its main loop
   (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` in the replica's runtime environment);
 * throughput-optimized: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in every process before Ray
-  starts (all of the above, buffered request logs, and more).
+  starts (all of the above, buffered request logs, and more);
+* the same without direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``), as the project
+  runs it: a direct-ingress replica reports its own running requests to the autoscaler and
+  leaves out the calls that reach it by the gRPC transport.
 
   python bench/bench_serve_calls.py
 """
@@ -37,6 +40,7 @@ SETTINGS = {  # name: (environment before Ray starts, handle init options, handl
     "both handle options": ({}, LOOP, GRPC, None),
     "both, replica code on its loop": ({}, LOOP, GRPC, REPLICA_LOOP),
     "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}, {}, None),
+    "the same, no direct ingress": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}, {}, {}, None),
 }
 
 

@@ -4,8 +4,9 @@ Starts the router itself (``eft serve``, the embedded family, on the in-process 
 on a private local Ray with ``--local``) so that it can watch its processes, or joins one
 at ``--target``. Each stream sends requests back to back: greedy and seeded, plain and
 speculative, up-scaled and interpolated, stop strings, short and long; one in
-``--cancel-every`` is abandoned after its first chunk. Health is polled every second
-throughout.
+``--cancel-every`` is abandoned after its first chunk. One stream in ``--http-every``
+sends its requests through the OpenAI-compatible HTTP API (the official ``openai`` client)
+instead of gRPC. Health is polled every second throughout.
 
 It prints errors by status (cancellations it made itself are expected, anything else is
 not), p50 and p99 latency and time to first token, health NOT_SERVING counts, and the
@@ -14,7 +15,7 @@ warm-up it should stay flat.
 
   python bench/soak.py --streams 64 --minutes 10            # in-process backend
   python bench/soak.py --streams 16 --minutes 5 --local     # roles as Serve deployments
-  python bench/soak.py --target localhost:50051 --streams 8 --minutes 1
+  python bench/soak.py --target localhost:50051 --http-target http://localhost:8080/v1 --streams 8 --minutes 1
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import grpc
+import openai
 
 from load import quantile
 from eft_router.server.client import AsyncEFTClient, EFTClient
@@ -70,10 +72,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_router(local: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_router(local: bool) -> tuple[subprocess.Popen, str, str]:
+    port, http_port = free_port(), free_port()
     eft = Path(sys.executable).parent / "eft"
-    args = [str(eft), "serve", "--local" if local else "--in-process", "--port", str(port), "--quiet"]
+    args = [str(eft), "serve", "--local" if local else "--in-process", "--port", str(port), "--http-port", str(http_port), "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = f"localhost:{port}"
     deadline = time.monotonic() + 600
@@ -83,7 +85,7 @@ def start_router(local: bool) -> tuple[subprocess.Popen, str]:
         try:
             with EFTClient(target) as c:
                 if c.health(timeout=2) == "SERVING":
-                    return proc, target
+                    return proc, target, f"http://127.0.0.1:{http_port}/v1"
         except grpc.RpcError:
             pass
         time.sleep(1)
@@ -106,31 +108,58 @@ def request_params(rng: random.Random) -> dict:
     return params
 
 
-async def soak(target: str, streams: int, seconds: float, cancel_every: int, watch, report_every: float) -> None:
+def openai_params(params: dict) -> dict:
+    """The same request for the OpenAI-compatible API: standard fields, EFT ones in extra_body."""
+    extra = {"speculative": {"k": params.pop("k")}}
+    if params.pop("ignore_eos", False):
+        extra["ignore_eos"] = True
+    if "preset" in params:
+        extra["eft"] = {"preset": params.pop("preset"), "deltas": params.pop("deltas")}
+    return {**params, "extra_body": extra}
+
+
+async def soak(target: str, http_target: str | None, streams: int, seconds: float, cancel_every: int, http_every: int, watch, report_every: float) -> None:
     statuses: collections.Counter = collections.Counter()
     latencies, ttfts, health = [], [], collections.Counter()
     done = time.monotonic() + seconds
+    http = openai.AsyncOpenAI(base_url=http_target, api_key=os.environ.get("EFT_AUTH_TOKEN", "unused"), max_retries=0, timeout=120) if http_target else None
 
     async with AsyncEFTClient(target, timeout=120) as client:
 
+        async def chunks(over_http: bool, question: str, params: dict):
+            messages = [{"role": "user", "content": question}]
+            if not over_http:
+                async for chunk in client.stream(messages, **params):
+                    yield chunk
+                return
+            async with await http.chat.completions.create(model="eft", messages=messages, stream=True, **openai_params(params)) as events:
+                async for event in events:
+                    yield event
+
         async def stream(i: int) -> None:
             rng = random.Random(i)
+            over_http = http is not None and http_every > 0 and i % http_every == http_every - 1
+            front = "HTTP" if over_http else "gRPC"
             n = 0
             while time.monotonic() < done:
                 n += 1
                 started, first = time.monotonic(), None
                 cancel = n % cancel_every == 0
                 try:
-                    async for chunk in client.stream([{"role": "user", "content": rng.choice(QUESTIONS)}], **request_params(rng)):
+                    async for _ in chunks(over_http, rng.choice(QUESTIONS), request_params(rng)):
                         first = first or time.monotonic()
                         if cancel:
                             break
-                    statuses["CANCELLED (by the soak)" if cancel else "OK"] += 1
+                    statuses[f"{front} cancelled (by the soak)" if cancel else f"{front} OK"] += 1
                     if not cancel:
                         latencies.append(time.monotonic() - started)
                         ttfts.append((first or time.monotonic()) - started)
                 except grpc.RpcError as err:
-                    statuses[err.code().name] += 1
+                    statuses[f"gRPC {err.code().name}"] += 1
+                except openai.APIStatusError as err:
+                    statuses[f"HTTP {err.status_code}"] += 1
+                except openai.APIError as err:
+                    statuses[f"HTTP {type(err).__name__}"] += 1
 
         async def poll_health() -> None:
             while time.monotonic() < done:
@@ -147,11 +176,13 @@ async def soak(target: str, streams: int, seconds: float, cancel_every: int, wat
                 await asyncio.sleep(report_every)
 
         await asyncio.gather(*(stream(i) for i in range(streams)), poll_health(), report())
+    if http is not None:
+        await http.close()
 
     print()
     print(f"{streams} streams for {seconds / 60:.1f} min: {sum(statuses.values())} requests")
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in statuses.most_common()))
-    unexpected = sum(v for k, v in statuses.items() if k not in ("OK", "CANCELLED (by the soak)"))
+    unexpected = sum(v for k, v in statuses.items() if not k.endswith((" OK", "(by the soak)")))
     print(f"unexpected errors: {unexpected}")
     print(f"latency p50 {quantile(latencies, 0.5):.2f} s, p99 {quantile(latencies, 0.99):.2f} s; "
           f"time to first token p50 {quantile(ttfts, 0.5):.2f} s, p99 {quantile(ttfts, 0.99):.2f} s")
@@ -165,10 +196,12 @@ def main() -> None:
     parser.add_argument("--local", action="store_true", help="roles as Serve deployments on a private Ray (default: in-process)")
     parser.add_argument("--target", default=None, help="a running router instead of starting one")
     parser.add_argument("--cancel-every", type=int, default=7, help="abandon every n-th request of a stream after its first chunk")
+    parser.add_argument("--http-every", type=int, default=4, help="every n-th stream uses the OpenAI-compatible HTTP API (0: none)")
+    parser.add_argument("--http-target", default=None, help="with --target: the router's OpenAI base URL (http://host:8080/v1)")
     parser.add_argument("--report-every", type=float, default=30.0, help="seconds between memory readings")
     args = parser.parse_args()
 
-    proc, target = (None, args.target) if args.target else start_router(args.local)
+    proc, target, http_target = (None, args.target, args.http_target) if args.target else start_router(args.local)
     rows: list[tuple[float, dict[str, float]]] = []
 
     def watch(elapsed: float) -> None:
@@ -179,8 +212,8 @@ def main() -> None:
         print(f"  {elapsed:6.0f} s  " + "  ".join(f"{k} {v:.0f} MB" for k, v in rows[-1][1].items()), flush=True)
 
     try:
-        print(f"soak: {args.streams} streams for {args.minutes} min against {target}; resident memory every {args.report_every:.0f} s:")
-        asyncio.run(soak(target, args.streams, 60 * args.minutes, args.cancel_every, watch, args.report_every))
+        print(f"soak: {args.streams} streams for {args.minutes} min against {target} (and {http_target}); resident memory every {args.report_every:.0f} s:")
+        asyncio.run(soak(target, http_target, args.streams, 60 * args.minutes, args.cancel_every, args.http_every, watch, args.report_every))
         if len(rows) >= 3:
             warm, last = rows[1][1], rows[-1][1]  # after the first reading (warm-up)
             growth = {k: 100 * (last[k] - warm[k]) / warm[k] for k in last if k in warm}

@@ -147,7 +147,7 @@ def _models(args: argparse.Namespace, stack: ExitStack) -> None:
 def _serve(args: argparse.Namespace) -> None:
     launch = _launch()
     config = _ensemble(args, launch)
-    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port), ("http_port", args.http_port)) if v is not None}
     config = config.model_copy(update={"router": config.router.model_copy(update=updates)})
     backend = "local" if args.in_process else config.router.backend
     launch.serve_forever(config, backend, None if args.local else args.address, deploy_roles=args.local or args.deploy)
@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--chat", dest="chat", action="store_true", default=None, help="send the prompt as a user's chat message")
         p.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as plain text (default: chat when the server has a chat template)")
 
-    srv = sub.add_parser("serve", help="run the gRPC router (and the ensemble)")
-    demo = sub.add_parser("demo", help="start everything, show EFT and speculative decoding through gRPC, stop")
+    srv = sub.add_parser("serve", help="run the router, gRPC and OpenAI-compatible HTTP (and the ensemble)")
+    demo = sub.add_parser("demo", help="start everything, show EFT and speculative decoding through gRPC and HTTP, stop")
     for p in (srv, demo):
         p.add_argument("--config", default=None, help="ensemble config YAML (default: the embedded family)")
         p.add_argument("--in-process", action="store_true", help="every role in the router's process, no Ray")
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--deploy", action="store_true", help="deploy the config's roles onto the joined cluster first")
     srv.add_argument("--address", default="auto", help="Ray cluster to join (default: auto)")
     srv.add_argument("--host", default=None, help="listen address (default: the config's router.host)")
-    srv.add_argument("--port", type=int, default=None, help="port (default: the config's router.port, 50051)")
+    srv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's router.port, 50051)")
+    srv.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port, 0 turns it off (default: the config's router.http_port, 8080)")
     demo.add_argument("--tiny", action="store_true", help="random tiny models instead of the embedded family (seconds)")
     demo.add_argument("--questions", type=int, default=6)
     demo.add_argument("--max-tokens", type=int, default=24)

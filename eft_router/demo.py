@@ -5,6 +5,8 @@
 2. Plain EFT against speculative EFT on the same requests: the same text (greedy), and
    the speed-up measured side by side.
 3. One answer streamed block by block.
+4. The first question again through the official ``openai`` client, against the router's
+   OpenAI-compatible HTTP port: the same answer as gRPC's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class DemoReport:
     spec_seconds: float
     spec_equal: bool
     acceptance_rate: float
+    openai_equal: bool | None = None  # None: no HTTP port to ask
 
     @property
     def speedup(self) -> float:
@@ -46,7 +49,10 @@ def _short(text: str, width: int = 38) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def run_demo(client: EFTClient, questions: Sequence[DemoQuestion], max_tokens: int = 24, k: int = 4, out: Callable[[str], None] = print) -> DemoReport:
+def run_demo(
+    client: EFTClient, questions: Sequence[DemoQuestion], max_tokens: int = 24, k: int = 4,
+    out: Callable[[str], None] = print, http_base_url: str | None = None,
+) -> DemoReport:
     info = client.info()
     out(f"router {client.target}: backend {info.backend}, roles " + ", ".join(f"{r.name} ({r.model})" for r in info.roles))
     greedy = dict(temperature=0.0, max_tokens=max_tokens)
@@ -90,7 +96,28 @@ def run_demo(client: EFTClient, questions: Sequence[DemoQuestion], max_tokens: i
         pieces.append(chunk.text)
         out(f"   block: {len(chunk.token_ids)} token(s) {chunk.text!r}")
     out(f"   streamed text equals the unary answer: {'yes' if ''.join(pieces) == eft[0] else 'NO'}")
-    return DemoReport(small, eft, small_ok, eft_ok, tokens, plain_s, spec_s, equal, rate)
+    openai_equal = None
+    if http_base_url is not None:
+        openai_equal = _openai_request(http_base_url, questions[0].prompt, max_tokens, eft[0], out)
+    return DemoReport(small, eft, small_ok, eft_ok, tokens, plain_s, spec_s, equal, rate, openai_equal)
+
+
+def _openai_request(base_url: str, prompt: Prompt, max_tokens: int, grpc_answer: str, out: Callable[[str], None]) -> bool:
+    """One request through the official ``openai`` client, as any OpenAI tool would send it."""
+    import openai
+
+    out(f"\n4. the same up-scaled question through the openai client ({base_url})")
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    greedy = dict(model="eft-upscale", temperature=0.0, max_tokens=max_tokens)
+    if isinstance(prompt, str):
+        reply = client.completions.create(prompt=prompt, **greedy)
+        text = reply.choices[0].text
+    else:
+        reply = client.chat.completions.create(messages=list(prompt), **greedy)
+        text = reply.choices[0].message.content
+    out(f"   {_short(text, 60)!r}: {reply.usage.completion_tokens} tokens, finish_reason {reply.choices[0].finish_reason}")
+    out(f"   equals the gRPC answer: {'yes' if text == grpc_answer else 'NO'}")
+    return text == grpc_answer
 
 
 def family_questions(n: int = 6, seed: int = 0) -> list[DemoQuestion]:

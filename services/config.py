@@ -164,9 +164,16 @@ class RoleConfig(_Strict):
             options["num_replicas"] = self.num_replicas or 1
         actor = self.ray_actor_options.to_dict()
         # Serve's throughput-optimized settings in every replica (user code on the replica's
-        # event loop, buffered request logs): measured in bench/bench_serve_calls.py
+        # event loop, the gRPC handle transport, buffered request logs): measured in
+        # bench/bench_serve_calls.py. They turn on direct ingress, whose replicas report
+        # their own running requests to the autoscaler, leaving out the calls that reach
+        # them by the gRPC transport: an autoscaled role under load never scaled up. The
+        # router reaches roles by handles only, so an autoscaled role goes without it.
+        env = {SERVE_FLAG: "1"}
+        if self.autoscaling_config is not None:
+            env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
         runtime_env = actor.get("runtime_env") or {}
-        actor["runtime_env"] = {**runtime_env, "env_vars": {SERVE_FLAG: "1", **runtime_env.get("env_vars", {})}}
+        actor["runtime_env"] = {**runtime_env, "env_vars": {**env, **runtime_env.get("env_vars", {})}}
         if self.tp_size > 1:
             options["placement_group_bundles"] = self._bundles(actor, actor.pop("num_gpus", 0))
             options["placement_group_strategy"] = "STRICT_PACK"  # the ranks rendezvous on the replica's node

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from contextlib import ExitStack, contextmanager
 from typing import Awaitable, Callable, Iterator, Literal, Mapping, Sequence
@@ -58,7 +59,18 @@ def ray_session(address: str | None) -> Iterator[bool]:
     try:
         yield address is None
     finally:
-        ray.shutdown()
+        disconnect_ray()
+
+
+def disconnect_ray() -> None:
+    """``ray.shutdown`` for good: Serve's handle routers keep a metrics thread that calls
+    ``ray.wait`` after the driver disconnects, and Ray's auto-connect would then join the
+    cluster again (or start a new local one), so auto-connect goes off first."""
+    import ray
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
+    ray.shutdown()
 
 
 def check_models(config: EnsembleConfig) -> None:
@@ -102,7 +114,8 @@ async def _serve_until_signalled(make_router: Callable[[], Awaitable[Router]]) -
         loop.add_signal_handler(sig, stop.set)
     router = await make_router()
     port = await router.start()
-    print(f"EFT router listening on {router.config.host}:{port} (Ctrl-C stops it)", flush=True)
+    http = f", OpenAI-compatible HTTP on {router.config.http_host or router.config.host}:{router.http_port}" if router.http_port else ""
+    print(f"EFT router listening on {router.config.host}:{port} (gRPC){http} (Ctrl-C stops it)", flush=True)
     await stop.wait()
     print(f"stopping: in-flight requests get {router.config.grace_s} s", flush=True)
     await router.stop()
@@ -122,12 +135,20 @@ def serve_forever(config: EnsembleConfig, backend: Backend, address: str | None,
         asyncio.run(_serve_until_signalled(router_factory(config, "serve")))
 
 
+def _free_port() -> int:
+    """A port for the demo's HTTP API (the HTTP port has no 'any free port' value: 0 is off)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def demo(config: EnsembleConfig, questions: Sequence[DemoQuestion], backend: Backend | None = None, max_tokens: int = 24, k: int = 4) -> DemoReport:
     """``make demo``: start Ray (private), deploy every role, start the router on a free port,
     run the demo's requests through the gRPC client, and stop everything. ``backend`` None
     is the config's ``router.backend``."""
     backend = backend or config.router.backend
-    config = config.model_copy(update={"router": config.router.model_copy(update={"port": 0})})
+    http_port = config.router.http_port and _free_port()
+    config = config.model_copy(update={"router": config.router.model_copy(update={"port": 0, "http_port": http_port})})
     started = time.perf_counter()
     check_models(config)
     with ExitStack() as stack:
@@ -138,7 +159,8 @@ def demo(config: EnsembleConfig, questions: Sequence[DemoQuestion], backend: Bac
         router = stack.enter_context(RouterThread(router_factory(config, backend)))
         client = stack.enter_context(EFTClient(f"localhost:{router.port}"))
         print(f"ready in {time.perf_counter() - started:.0f} s; health {client.health()}", flush=True)
-        report = run_demo(client, questions, max_tokens=max_tokens, k=k)
+        base_url = f"http://localhost:{router.router.http_port}/v1" if http_port else None
+        report = run_demo(client, questions, max_tokens=max_tokens, k=k, http_base_url=base_url)
         print("\nshutting down ...", flush=True)
     print("done.", flush=True)
     return report

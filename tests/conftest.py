@@ -148,6 +148,8 @@ def ray_cluster() -> Iterator[Cluster]:
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from services.launch import disconnect_ray
+
     tmp = tempfile.mkdtemp(prefix="eft-ray-")
     previous = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp
@@ -163,7 +165,7 @@ def ray_cluster() -> Iterator[Cluster]:
     finally:
         if ray.is_initialized():
             serve.shutdown()
-            ray.shutdown()
+            disconnect_ray()
         cluster.shutdown()
         if previous is None:
             os.environ.pop("RAY_TMPDIR", None)

@@ -7,13 +7,16 @@ Serve deployment, the router, the gRPC client, and a clean exit.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -21,6 +24,12 @@ import yaml
 from eft_router.server.client import EFTClient
 
 EFT = str(Path(sys.executable).parent / "eft")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> tuple[re.Match, str]:
@@ -47,10 +56,13 @@ def test_serve_in_process_then_sigterm_stops_gracefully(family_paths, tmp_path):
     config.write_text(yaml.safe_dump({"roles": roles, "router": {"port": 0, "grace_s": 1.0}}))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [EFT, "serve", "--in-process", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        [EFT, "serve", "--in-process", "--config", str(config), "--http-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        m, _ = read_until(proc, r"listening on [\d.]+:(\d+)", 120)
+        m, _ = read_until(proc, r"listening on [\d.]+:(\d+) \(gRPC\), OpenAI-compatible HTTP on [\d.]+:(\d+)", 120)
+        models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{m.group(2)}/v1/models", timeout=30).read())
+        assert {"eft", "eft-upscale", "ft_small"} <= {model["id"] for model in models["data"]}
         with EFTClient(f"localhost:{m.group(1)}", timeout=60) as client:
             assert client.health() == "SERVING"
             assert len(client.generate("w1 w2", temperature=0.0, max_tokens=4).token_ids) >= 1
@@ -78,4 +90,5 @@ def test_demo_entry_point_on_tiny_models():
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert "backend serve" in out and "health SERVING" in out
     assert "outputs identical: yes" in out and "streamed text equals the unary answer: yes" in out
+    assert "equals the gRPC answer: yes" in out  # the openai client over the HTTP port
     assert re.search(r"speed-up \d+\.\d+x", out) and out.rstrip().endswith("done.")

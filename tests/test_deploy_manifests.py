@@ -336,10 +336,11 @@ def test_grpc_service_targets_the_router_sidecar(manifests, rayservice, ensemble
         (hit,) = [(c["name"], n) for c in containers for name, n in _ports(c).items() if target in (name, n)]
         return hit
 
-    assert resolve(port.get("targetPort", port["port"])) == (ROUTER, ensemble.router.port)
-    metrics = [p for p in spec["ports"] if p["port"] != 50051]
-    for extra in metrics:  # the router's Prometheus port, if the Service carries it
-        assert resolve(extra.get("targetPort", extra["port"])) == (ROUTER, ensemble.router.metrics_port)
+    router = ensemble.router
+    wanted = {router.port: router.port, 8080: router.http_port, 9090: router.metrics_port}
+    assert {p["port"] for p in spec["ports"]} == set(wanted)  # gRPC, OpenAI HTTP, metrics
+    for p in spec["ports"]:  # each one reaches the router sidecar's port of that config field
+        assert resolve(p.get("targetPort", p["port"])) == (ROUTER, wanted[p["port"]])
 
 
 # --------------------------------------------------------------------------- cluster shape
@@ -469,6 +470,10 @@ def test_ensemble_config_is_valid_for_the_router(ensemble):
     assert router.tls is None and router.auth_token_file is None and router.tokens() == []
     assert router.with_env({}).tokens() == []
     assert router.with_env({"EFT_AUTH_TOKENS": "tok-a, tok-b"}).tokens() == ["tok-a", "tok-b"]
+    # the OpenAI-compatible API: on its own port, which the environment can move or turn off
+    assert router.http_port == 8080 and router.http_port not in (router.port, router.metrics_port)
+    assert router.with_env({"EFT_HTTP_PORT": "9000"}).http_port == 9000
+    assert router.with_env({"EFT_HTTP_PORT": "0"}).http_port == 0  # 0: no HTTP API
 
 
 def test_serve_config_is_what_the_ensemble_config_generates(serve_file, ensemble):
@@ -507,7 +512,7 @@ def test_router_sidecar_runs_eft_serve_on_the_head(rayservice, ensemble, monkeyp
     assert call["config"].roles == ensemble.roles and call["config"].router == ensemble.router
 
     ports = _ports(router)
-    assert ports == {"grpc": ensemble.router.port, "router-metrics": ensemble.router.metrics_port}
+    assert ports == {"grpc": ensemble.router.port, "openai-http": ensemble.router.http_port, "router-metrics": ensemble.router.metrics_port}
     res = router["resources"]
     assert {"cpu", "memory"} <= set(res["requests"]) and res["requests"] == res["limits"]
     env = _env(router)
@@ -599,7 +604,7 @@ def test_dockerfile_pins_torch_and_installs_the_lock():
     assert any(op == "COPY" and "requirements.lock" in arg for op, arg in instructions)
     assert any(op == "ENV" and re.search(r"\bEFT_CACHE_DIR=/models\b", arg) for op, arg in instructions)
     exposed = {p.split("/")[0] for op, arg in instructions if op == "EXPOSE" for p in arg.split()}
-    assert {"8000", "50051"} <= exposed
+    assert {"8000", "50051", "8080"} <= exposed
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
 

@@ -171,7 +171,7 @@ def finite_everywhere(message) -> bool:
 @pytest.fixture(scope="module")
 def fuzzed(engine):
     async def make() -> Router:
-        return Router(engine.roles, engine.tokenizer, RouterConfig(port=0, max_concurrent_requests=8), RequestDefaults(), "local")
+        return Router(engine.roles, engine.tokenizer, RouterConfig(port=0, http_port=0, max_concurrent_requests=8), RequestDefaults(), "local")
 
     with RouterThread(make) as router, EFTClient(f"localhost:{router.port}", timeout=DEADLINE_S) as client:
         yield client

@@ -31,7 +31,7 @@ def local_router(engine: Engine, **config) -> RouterThread:
     """A router on the in-process backend, sharing the tiny family"s loaded roles."""
 
     async def make() -> Router:
-        return Router(engine.roles, engine.tokenizer, RouterConfig(port=0, **config), RequestDefaults(), "local")
+        return Router(engine.roles, engine.tokenizer, RouterConfig(**{"port": 0, "http_port": 0, **config}), RequestDefaults(), "local")
 
     return RouterThread(make)
 
@@ -46,7 +46,7 @@ def local(engine):
 def served(served_ensemble):
     from services.launch import router_factory
 
-    config = served_ensemble.config.model_copy(update={"router": RouterConfig(port=0)})
+    config = served_ensemble.config.model_copy(update={"router": RouterConfig(port=0, http_port=0)})
     with RouterThread(router_factory(config, "serve")) as router:
         yield router
 
@@ -330,7 +330,7 @@ def test_concurrency_limit_answers_resource_exhausted(engine):
         assert c.info().limits.max_concurrent_requests == 1  # GetInfo is not limited
         stream.cancel()
         deadline = time.monotonic() + 2
-        while router.router.servicer.in_flight and time.monotonic() < deadline:
+        while router.router.admission.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(c.generate("w1", max_tokens=2).token_ids) >= 1
 
@@ -397,7 +397,7 @@ def test_a_role_that_goes_away_answers_unavailable_naming_it(served_ensemble, fa
     deploy_ensemble(doomed)
     try:
         roles = dict(served_ensemble.config.roles) | dict(doomed.roles)
-        config = served_ensemble.config.model_copy(update={"roles": roles, "router": RouterConfig(port=0, role_timeout_s=10)})
+        config = served_ensemble.config.model_copy(update={"roles": roles, "router": RouterConfig(port=0, http_port=0, role_timeout_s=10)})
         with RouterThread(router_factory(config, "serve")) as router, EFTClient(f"localhost:{router.port}", timeout=30) as c:
             assert len(c.generate("w1", max_tokens=2, deltas={"ft_doomed": 1.0}).token_ids) >= 1
             serve.delete("eft-ft_doomed")

@@ -171,6 +171,35 @@ def test_async_connect(serve_roles):
     assert {r: x.info for r, x in roles.items()} == {r: x.info for r, x in serve_roles.items()}
 
 
+def test_ctrl_c_while_connecting_is_not_a_role_failure(serve_roles, monkeypatch):
+    """Connecting maps a replica's or Ray's errors to role errors, but a KeyboardInterrupt
+    (Ctrl-C while waiting for a role) must reach the caller as itself."""
+    from ray.serve.handle import DeploymentHandle
+
+    from eft_router.roles.interface import RoleError
+    from eft_router.roles.serve import connect_serve_roles
+
+    method = DeploymentHandle.__getattr__  # handle.info, handle.vocab, ...
+
+    def interrupted(self, name):
+        if name == "info":
+            raise KeyboardInterrupt
+        return method(self, name)
+
+    monkeypatch.setattr(DeploymentHandle, "__getattr__", interrupted, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        connect_serve_roles(["ft_small"])
+
+    def failing(self, name):
+        if name == "info":
+            raise RuntimeError("replica down")
+        return method(self, name)
+
+    monkeypatch.setattr(DeploymentHandle, "__getattr__", failing, raising=False)
+    with pytest.raises(RoleError, match="'ft_small'.*replica down"):
+        connect_serve_roles(["ft_small"])
+
+
 def test_vocabulary_check_names_roles():
     from eft_router.roles.interface import RoleInfo
     from eft_router.roles.serve import _check_roles

@@ -36,12 +36,19 @@ from ..core.sampling import sampling_probs
 from ..core.spec import BASE_LARGE, BASE_SMALL, FT_LARGE, FT_SMALL, SpecError
 from ..core.stopping import StopChecker
 from ..roles.interface import Draft, DraftItem, DraftParams, PartialFailure, Role, ScoreItem
-from .request import Generation, GenerationRequest, GenerationStats, ScoreRequest, ScoreResult, StreamChunk, TokenDiagnostics
+from .request import (
+    Generation, GenerationRequest, GenerationStats, ScoreRequest, ScoreResult, StreamChunk, TokenDiagnostics, TokenLogprobs,
+)
 from .scheduler import Scheduler, SchedulerConfig, StepPlan, Work
 from .state import END, GenerationState, RequestState, ScoreState
 
 log = logging.getLogger(__name__)
 _REFERENCE = {FT_LARGE: BASE_LARGE}  # other fine-tunes are fine-tunes of base_small
+# Event-loop turns the step loop yields between steps. A step's role calls may compute on
+# the loop itself (in-process roles), so whatever a step's output woke (a stream's consumer,
+# then the front door's writer: a few tasks deep) gets this many turns to send it before
+# the next step blocks the loop; else each chunk reached the socket one step late.
+HANDOFF_HOPS = 4
 
 
 class EngineStopped(RuntimeError):
@@ -205,14 +212,15 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> Generation:
         """Run :meth:`stream` to the end and collect the result."""
         tokens: list[int] = []
-        text, diags, last = "", [], None
+        text, diags, logprobs, last = "", [], [], None
         async for chunk in self.stream(request):
             tokens += chunk.token_ids
             text += chunk.text
             diags += chunk.diagnostics
+            logprobs += chunk.logprobs
             last = chunk
         assert last is not None and last.finish_reason is not None and last.stats is not None
-        return Generation(tokens, text, last.finish_reason, last.stats, diags)
+        return Generation(tokens, text, last.finish_reason, last.stats, diags, logprobs)
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """Log-probs of the continuation after the prompt, in the steps' score calls."""
@@ -254,6 +262,8 @@ class Engine:
                     await self._wakeup.wait()
                     continue
                 await self.step()
+                for _ in range(HANDOFF_HOPS):
+                    await asyncio.sleep(0)
         except BaseException as err:
             # Cancelled (the event loop shuts down, or close()) or a bug: every request ends
             # with it, and every session that a role may still hold is released (the roles
@@ -390,23 +400,23 @@ class Engine:
         if not blocks:
             return
         try:
-            outcomes, targets = self._settle(blocks)
+            outcomes, targets, scores = self._settle(blocks)
         except Exception as err:  # a bug in the batched maths: the requests of this step end with it
             log.exception("settling a step's blocks failed")
             for b in blocks:
                 b.request.finish(err)
             return
-        for b, (tokens, accepted), target in zip(blocks, outcomes, targets):
+        for b, (tokens, accepted), target, s in zip(blocks, outcomes, targets, scores):
             try:
-                self._emit(b, tokens, accepted, target)
+                self._emit(b, tokens, accepted, target, s)
             except Exception as err:
                 log.exception("emitting a block failed")
                 b.request.finish(err)
 
-    def _settle(self, blocks: list[_Block]) -> tuple[list[tuple[list[int], int]], list[torch.Tensor]]:
+    def _settle(self, blocks: list[_Block]) -> tuple[list[tuple[list[int], int]], list[torch.Tensor], list[torch.Tensor]]:
         """Every block's target p and the acceptance rule, batched over the blocks: rows of
         different lengths are padded and masked, each block with its own coefficients and
-        sampling parameters."""
+        sampling parameters. Returns the outcomes, and per block its targets and scores."""
         sizes = [len(b.tokens) + 1 for b in blocks]  # target rows: each draft's position and the bonus
         drafts = [len(b.tokens) for b in blocks]
         sampling = [b.request.request.sampling for b in blocks]
@@ -433,10 +443,12 @@ class Engine:
             torch.tensor([b.uniforms[b.k : b.k + n] + [0.0] * (k - n) for b, n in zip(blocks, drafts)], dtype=torch.float64).reshape(len(blocks), k),
             torch.tensor([b.uniforms[2 * b.k] for b in blocks], dtype=torch.float64),
         )
-        return [(o.tokens, o.accepted) for o in outcomes], list(torch.split(target, sizes))
+        return [(o.tokens, o.accepted) for o in outcomes], list(torch.split(target, sizes)), list(torch.split(scores, sizes))
 
-    def _emit(self, b: _Block, tokens: list[int], accepted: int, target: torch.Tensor) -> None:
+    def _emit(self, b: _Block, tokens: list[int], accepted: int, target: torch.Tensor, scores: torch.Tensor) -> None:
         request, stops, stats = b.request, b.request.stops, b.request.stats
+        top = request.request.logprobs
+        eft_lp = torch.log_softmax(scores[: len(tokens)], dim=-1) if top is not None else None
         stats.blocks += 1
         stats.drafted_tokens += len(b.tokens)
         stats.accepted_per_block.append(accepted)
@@ -446,6 +458,10 @@ class Engine:
             chunk.text += stops.feed(token)
             if request.request.diagnostics:
                 chunk.diagnostics.append(self._diagnose(request, token, {r: lp[t] for r, lp in b.rows.items()}, target[t]))
+            if eft_lp is not None:
+                best = torch.topk(eft_lp[t], top) if top else None
+                alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+                chunk.logprobs.append(TokenLogprobs(token, float(eft_lp[t, token]), alternatives))
             if stops.finish_reason is not None:
                 break
         request.context.extend(chunk.token_ids)

@@ -13,6 +13,8 @@ from typing import Sequence
 
 from ..core.spec import EFTSpec, SamplingParams, SpecError, SpeculativeParams
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for
+
 
 def _ids(name: str, ids: Sequence[int]) -> tuple[int, ...]:
     if isinstance(ids, (str, bytes)):
@@ -28,20 +30,27 @@ def _ids(name: str, ids: Sequence[int]) -> tuple[int, ...]:
 class GenerationRequest:
     """Generate from ``prompt_ids``: sample from the EFT distribution ``eft`` with
     ``sampling``, speculatively with ``speculative``. ``diagnostics`` adds per-token
-    diagnostics. ``session_id`` names the request's session on every role (default: a fresh
-    one); with ``keep_session`` the roles keep its cache after the request, for a follow-up
-    turn that extends it (multi-turn)."""
+    diagnostics. ``logprobs`` (0 to :data:`MAX_LOGPROBS`) adds each token's log-prob under
+    the EFT distribution ``softmax(s)`` (temperature 1, before top-k and top-p: the values
+    ``score`` gives) and that many most likely alternatives. ``session_id`` names the
+    request's session on every role (default: a fresh one); with ``keep_session`` the roles
+    keep its cache after the request, for a follow-up turn that extends it (multi-turn)."""
 
     prompt_ids: Sequence[int]
     eft: EFTSpec = field(default_factory=EFTSpec)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     speculative: SpeculativeParams = field(default_factory=SpeculativeParams)
     diagnostics: bool = False
+    logprobs: int | None = None
     session_id: str | None = None
     keep_session: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", _ids("prompt_ids", self.prompt_ids))
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise SpecError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,16 @@ class TokenDiagnostics:
     role_logprobs: dict[str, float]
     rewards: dict[str, float]
     drafter_tv: float | None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-prob under the EFT distribution ``softmax(s)``, and the most likely
+    tokens there with theirs (as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -101,6 +120,7 @@ class StreamChunk:
     token_ids: list[int]
     text: str
     diagnostics: list[TokenDiagnostics] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     stats: GenerationStats | None = None
 
@@ -112,6 +132,7 @@ class Generation:
     finish_reason: str
     stats: GenerationStats
     diagnostics: list[TokenDiagnostics]
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass

@@ -178,8 +178,8 @@ class ServeRole:
         try:
             await asyncio.wait_for(self._call("ping", route), timeout_s)
         except asyncio.TimeoutError as err:
-            what = f"replica {route}" if route else "no replica"
-            raise RoleUnavailable(self.info.name, TimeoutError(f"{what} answered within {timeout_s} s"), f"Serve application {self.app!r}") from err
+            what = f"replica {route} did not answer" if route else "no replica answered"
+            raise RoleUnavailable(self.info.name, TimeoutError(f"{what} within {timeout_s} s"), f"Serve application {self.app!r}") from err
 
 
 async def _await(response: Any) -> Any:

@@ -12,6 +12,8 @@ a new config file):
 ``EFT_TLS_CERT`` / ``EFT_TLS_KEY``  server certificate chain and key (PEM files)
 ``EFT_TLS_CLIENT_CA``           CA bundle: client certificates signed by it are required
 ``EFT_METRICS_PORT``            Prometheus metrics port (0 picks one)
+``EFT_HTTP_HOST``               host of the OpenAI-compatible HTTP API
+``EFT_HTTP_PORT``               its port (0 turns the HTTP API off)
 ==============================  ==========================================================
 """
 
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from ..engine.scheduler import SchedulerConfig
 
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8080
 
 
 class _Strict(BaseModel):
@@ -68,6 +71,8 @@ class RouterConfig(_Strict):
     auth_token_file: Path | None = None
     tls: TLSConfig | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    http_host: str | None = None  # the OpenAI-compatible HTTP API's host (default: ``host``)
+    http_port: int = Field(default=DEFAULT_HTTP_PORT, ge=0, le=65535)  # 0: no HTTP API
 
     @model_validator(mode="after")
     def _token_file_exists(self) -> "RouterConfig":
@@ -94,6 +99,8 @@ class RouterConfig(_Strict):
             ("EFT_ROUTER_HOST", "host", str),
             ("EFT_ROUTER_PORT", "port", int),
             ("EFT_METRICS_PORT", "metrics_port", int),
+            ("EFT_HTTP_HOST", "http_host", str),
+            ("EFT_HTTP_PORT", "http_port", int),
             ("EFT_AUTH_TOKEN_FILE", "auth_token_file", str),
         ):
             if env.get(var):

@@ -1,5 +1,7 @@
-"""The gRPC router: ``eft.v1.EFTService`` over an :class:`Engine`, with the standard health and
-reflection services, optional TLS and bearer-token authentication, limits and metrics.
+"""The router: ``eft.v1.EFTService`` over gRPC and the OpenAI-compatible HTTP API (on its own
+port, ``router.http_port``), both over one :class:`Engine`, with the standard health and
+reflection services, optional TLS (gRPC) and bearer-token authentication (both), one
+concurrency limit and one set of metrics.
 
 The backend (Ray Serve deployments or in-process roles) is whatever the roles are; the
 router builds its engine over them, each role wrapped to time its calls, with the scheduler
@@ -11,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import uuid
 from concurrent.futures import Future
-from typing import Awaitable, Callable, Mapping
+from contextlib import contextmanager
+from typing import Awaitable, Callable, Iterator, Mapping
+
+import uvicorn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,8 +33,10 @@ from ..engine import Engine, StepStats
 from ..roles.interface import Role
 from .auth import BearerAuthInterceptor
 from .config import RouterConfig
+from .front import Admission
 from .messages import RequestDefaults
 from .metrics import Metrics, TimedRole
+from .openai_api import OpenAIFront, create_app
 from .servicer import EFTServicer
 
 log = logging.getLogger(__name__)
@@ -87,13 +95,17 @@ class Router:
         self.metrics = Metrics()
         timed = {name: TimedRole(role, self.metrics) for name, role in roles.items()}
         self.engine = Engine(timed, tokenizer, drafter, config.scheduler(), on_step=self._observe)
-        self.servicer = EFTServicer(
-            self.engine, defaults, self.metrics, backend, config.max_concurrent_requests, config.max_message_bytes
-        )
+        self.admission = Admission(config.max_concurrent_requests, self.metrics)
+        self.servicer = EFTServicer(self.engine, defaults, self.metrics, backend, self.admission, config.max_message_bytes)
         self.health = health.aio.HealthServicer()
+        self.serving = False  # what health says (the HTTP API's /health reads it too)
+        self.openai = OpenAIFront(self.engine, defaults, self.admission, self.metrics, config.tokens(), lambda: self.serving)
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._http: _HTTPServer | None = None
+        self._http_task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self._metrics_http = None
 
@@ -115,6 +127,8 @@ class Router:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         try:
+            if self.config.http_port:
+                await self._start_http()
             if self.config.metrics_port is not None:
                 from prometheus_client import start_http_server
 
@@ -129,12 +143,39 @@ class Router:
         log.info("EFT router serving on %s (port %d, %s)", self.config.host, self.port, "TLS" if credentials else "plaintext")
         return self.port
 
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible API on its own port (a socket bound here, so that a port in
+        use fails the start at once)."""
+        host = self.config.http_host or self.config.host
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without
+        # it a stream's small writes waited for delayed ACKs (~40 ms each)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, self.config.http_port))
+        except OSError as err:
+            sock.close()
+            raise OSError(f"cannot listen for HTTP on {host}:{self.config.http_port}: {err}") from None
+        sock.listen(1024)
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(self.openai), lifespan="off", log_level="warning", access_log=False,
+            timeout_graceful_shutdown=max(self.config.grace_s, 0.1),
+        )
+        self._http = _HTTPServer(config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
+
     def _observe(self, step: StepStats) -> None:
         self.metrics.step_seconds.observe(step.seconds)
         self.metrics.step_requests.observe(step.requests)
         self.metrics.waiting.set(step.waiting)
 
     async def _set_health(self, status: int) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -161,9 +202,17 @@ class Router:
         cancel them (their sessions are released as they unwind)."""
         if self._watch is not None:
             self._watch.cancel()
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self.serving = False
+        stopping = []
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+            stopping.append(self._server.stop(grace))
+        if self._http is not None:
+            self._http.should_exit = True  # drains its requests for grace_s, then cancels them
+            stopping.append(asyncio.wait_for(asyncio.shield(self._http_task), grace + 5))
+            self._http = None
+        await asyncio.gather(*stopping, return_exceptions=True)
         await self.engine.close()
         if self.owns_roles:
             await asyncio.gather(*(role.close() for role in self.roles.values() if hasattr(role, "close")))
@@ -176,6 +225,15 @@ class Router:
     async def wait(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
+
+
+class _HTTPServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the router's process owns its signals (``eft
+    serve`` stops gRPC and HTTP together, gracefully)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class RouterThread:

@@ -13,7 +13,6 @@ requests.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -24,38 +23,31 @@ from . import messages
 from ..api import eft_pb2 as pb
 from ..api import eft_pb2_grpc
 from ..core.spec import MAX_NEW_TOKENS, MAX_SPECULATIVE_K, PRESETS, SpecError
-from ..engine import Engine, GenerationStats, QueueFull
-from ..roles.interface import RoleError
+from ..engine import Engine, GenerationStats
+from .front import Admission, classify, record
 from .messages import RequestDefaults
 from .metrics import Metrics
 
-log = logging.getLogger(__name__)
 
 
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
 
 
 class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
     def __init__(
-        self,
-        engine: Engine,
-        defaults: RequestDefaults,
-        metrics: Metrics,
-        backend: str,
-        max_concurrent_requests: int,
-        max_message_bytes: int,
+        self, engine: Engine, defaults: RequestDefaults, metrics: Metrics, backend: str, admission: Admission, max_message_bytes: int
     ) -> None:
         self.engine = engine
         self.defaults = defaults
         self.metrics = metrics
         self.backend = backend
-        self.max_concurrent = max_concurrent_requests
+        self.admission = admission
         self.max_message_bytes = max_message_bytes
-        self.in_flight = 0
 
     @asynccontextmanager
     async def _request(self, method: str, context: grpc.aio.ServicerContext, limited: bool = True) -> AsyncIterator[None]:
@@ -65,48 +57,29 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
         admitted = False
         try:
             if limited:
-                if self.in_flight >= self.max_concurrent:
-                    raise _Abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"the server is at its limit of {self.max_concurrent} concurrent requests; retry later",
-                    )
-                self.in_flight += 1
+                self.admission.enter()
                 admitted = True
-                self.metrics.active.inc()
             yield
             code, message = grpc.StatusCode.OK, ""
-        except _Abort as err:
-            code, message = err.code, err.message
-        except SpecError as err:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, messages.wire_error(err)
-        except QueueFull as err:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
-        except RoleError as err:
-            log.warning("%s: %s", method, err)
-            code, message = grpc.StatusCode.UNAVAILABLE, str(err)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away, or its deadline passed
             expired = (context.time_remaining() or 1.0) <= 0
             self._finish(method, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, admitted)
             raise
         except Exception as err:
-            log.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+            failure = classify(err, method)
+            code = STATUS[failure.kind]
+            message = messages.wire_error(err) if isinstance(err, SpecError) else failure.message
         self._finish(method, code, admitted)
         if code != grpc.StatusCode.OK:
             await context.abort(code, message)
 
     def _finish(self, method: str, code: grpc.StatusCode, admitted: bool) -> None:
         if admitted:
-            self.in_flight -= 1
-            self.metrics.active.dec()
+            self.admission.leave()
         self.metrics.requests.labels(method, code.name).inc()
 
     def _record(self, stats: GenerationStats) -> None:
-        self.metrics.tokens.inc(stats.generated_tokens)
-        if stats.drafted_tokens:
-            self.metrics.drafted.inc(stats.drafted_tokens)
-            self.metrics.accepted.inc(stats.accepted_tokens)
-            self.metrics.acceptance.observe(stats.acceptance_rate)
+        record(self.metrics, stats)
 
     def _generation(self, request: pb.GenerateRequest):
         return messages.generation_request(request, self.engine.tokenizer, self.engine.vocab_size, self.defaults)
@@ -153,7 +126,7 @@ class EFTServicer(eft_pb2_grpc.EFTServiceServicer):
                     max_tokens=MAX_NEW_TOKENS,
                     max_speculative_k=MAX_SPECULATIVE_K,
                     context_length=min(self.engine.context_length, 2**31 - 1),
-                    max_concurrent_requests=self.max_concurrent,
+                    max_concurrent_requests=self.admission.limit,
                     max_message_bytes=self.max_message_bytes,
                 ),
                 default_eft=messages.eft_message(d.eft.preset, d.eft.deltas, d.eft.beta, d.eft.weight_top_p, d.eft.coefficients),

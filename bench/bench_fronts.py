@@ -1,0 +1,129 @@
+"""Time to first token and tokens/s through each front door, side by side in one run:
+the engine in-process, gRPC streaming (``AsyncEFTClient``) and OpenAI-compatible HTTP
+streaming (the official ``openai`` client's ``AsyncOpenAI``, completions with token-id
+prompts and ``return_token_ids``), at 1 and 16 concurrent streams, plain and speculative.
+
+All three run over the same models in this process (the router over its own copy of the
+roles, which its thread's engine alone touches), so the differences are the fronts' own
+costs: protobuf and gRPC, or JSON, server-sent events and uvicorn, plus each client. The
+router runs on its own thread (as ``RouterThread`` does in the demo); the clients run on
+this thread. Configurations are interleaved round by round and the table reports medians:
+read the ratios (HTTP / gRPC, the issue's target is at least 0.9), not absolute numbers.
+
+  python bench/bench_fronts.py              # synthetic tiny family (as bench_engine.py)
+  python bench/bench_fronts.py --family     # the embedded family (eft family build)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import tempfile
+from typing import AsyncIterator, Callable, Sequence
+
+import openai
+import torch
+
+from bench_engine import bench_models, bench_prompts, concurrency_parser
+from load import Load, run_streams
+from eft_router.core.spec import SamplingParams, SpeculativeParams
+from eft_router.engine import Engine, GenerationRequest
+from eft_router.server.client import AsyncEFTClient
+from eft_router.server.config import RouterConfig
+from eft_router.server.grpc_server import Router, RouterThread
+
+FRONTS = ("in-process", "gRPC", "HTTP")
+Stream = Callable[[list[int]], AsyncIterator[Sequence[int]]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def engine_stream(engine: Engine, k: int, max_tokens: int) -> Stream:
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_tokens, ignore_eos=True)
+
+    async def stream(ids: list[int]) -> AsyncIterator[Sequence[int]]:
+        async for chunk in engine.stream(GenerationRequest(ids, sampling=sampling, speculative=SpeculativeParams(k=k))):
+            yield chunk.token_ids
+
+    return stream
+
+
+def grpc_stream(client: AsyncEFTClient, k: int, max_tokens: int) -> Stream:
+    async def stream(ids: list[int]) -> AsyncIterator[Sequence[int]]:
+        async for chunk in client.stream(ids, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, k=k):
+            yield chunk.token_ids
+
+    return stream
+
+
+def http_stream(client: openai.AsyncOpenAI, k: int, max_tokens: int) -> Stream:
+    extra = {"speculative": {"k": k}, "ignore_eos": True, "return_token_ids": True}
+
+    async def stream(ids: list[int]) -> AsyncIterator[Sequence[int]]:
+        chunks = await client.completions.create(model="eft", prompt=ids, temperature=0.0, max_tokens=max_tokens, stream=True, extra_body=extra)
+        async for chunk in chunks:
+            yield chunk.choices[0].model_extra["token_ids"]
+
+    return stream
+
+
+async def bench(engine: Engine, router: RouterThread, prompts: list[list[int]], args) -> dict[tuple, list[Load]]:
+    grpc_client = AsyncEFTClient(f"localhost:{router.port}", timeout=600)
+    http_client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{router.router.http_port}/v1", api_key="unused", max_retries=0, timeout=600)
+    makers = {
+        "in-process": lambda k: engine_stream(engine, k, args.max_tokens),
+        "gRPC": lambda k: grpc_stream(grpc_client, k, args.max_tokens),
+        "HTTP": lambda k: http_stream(http_client, k, args.max_tokens),
+    }
+    configs = [(n, k, front) for n in args.streams for k in (0, args.k) for front in FRONTS]
+    for n, k, front in configs:  # warm-up: connections, first calls, code paths
+        await run_streams(makers[front](k), prompts[:2], min(n, 2))
+    samples: dict[tuple, list[Load]] = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for n, k, front in configs:
+            requests = [prompts[i % len(prompts)] for i in range(max(8, 2 * n))]
+            samples[(n, k, front)].append(await run_streams(makers[front](k), requests, n))
+    await grpc_client.close()
+    await http_client.close()
+    return samples
+
+
+def main() -> None:
+    args = concurrency_parser(__doc__, "streams", [1, 16]).parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = bench_models(args.family, tmp)
+        engine = Engine.local(paths)
+        prompts = bench_prompts(engine, args.family)
+
+        async def make() -> Router:
+            served = Engine.local(paths)
+            config = RouterConfig(port=0, http_port=free_port(), max_concurrent_requests=256)
+            return Router(served.roles, served.tokenizer, config, backend="local", owns_roles=True)
+
+        with RouterThread(make) as router:
+            samples = asyncio.run(bench(engine, router, prompts, args))
+
+    def med(c: tuple, read: Callable[[Load], float]) -> float:
+        return statistics.median(read(load) for load in samples[c])
+
+    print(f"{'family' if args.family else 'synthetic'} roles, {args.max_tokens} tokens per request, greedy, "
+          f"max(8, 2 x streams) requests per configuration, medians of {args.rounds} rounds")
+    print(f"{'streams':>7} {'mode':>6} | " + " | ".join(f"{f + ' tok/s':>16} {'TTFT ms':>8}" for f in FRONTS)
+          + f" | {'gRPC/in-proc':>12} {'HTTP/gRPC':>9}")
+    for n in args.streams:
+        for k in (0, args.k):
+            tps = {f: med((n, k, f), lambda x: x.tokens_per_s) for f in FRONTS}
+            ttft = {f: med((n, k, f), lambda x: 1000 * statistics.median(x.ttft)) for f in FRONTS}
+            cells = " | ".join(f"{tps[f]:>16.0f} {ttft[f]:>8.1f}" for f in FRONTS)
+            mode = "plain" if k == 0 else f"k={k}"
+            print(f"{n:>7} {mode:>6} | {cells} | {tps['gRPC'] / tps['in-process']:>12.2f} {tps['HTTP'] / tps['gRPC']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
