@@ -384,6 +384,8 @@ class OpenAIFront:
             return out
 
         async def events() -> AsyncIterator[bytes]:
+            # The samples' chunks and, when a sample's stream ends, its task meet in one
+            # queue; what has queued up by the time the response writes goes out together.
             queue: asyncio.Queue = asyncio.Queue()
             finals: list[StreamChunk] = []
 
@@ -392,7 +394,7 @@ class OpenAIFront:
                     offset, chunk = len(first.text), first
                     while chunk.finish_reason is None:
                         chunk = await stream.__anext__()
-                        await queue.put(choice(i, chunk, offset))
+                        queue.put_nowait(choice(i, chunk, offset))
                         offset += len(chunk.text)
                     finals.append(chunk)
 
@@ -401,18 +403,23 @@ class OpenAIFront:
             opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(len(streams))]
             yield (event(opening) if chat else b"") + b"".join(event([choice(i, f, 0)]) for i, f in enumerate(firsts))
             pumps = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
-            waiter = asyncio.ensure_future(asyncio.gather(*pumps))
-            getter: asyncio.Future | None = None
+            for task in pumps:
+                task.add_done_callback(queue.put_nowait)
             try:
-                while not (waiter.done() and queue.empty()):
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield event([getter.result()])
-                    else:
-                        getter.cancel()
-                    getter = None
-                failed = waiter.exception()
+                ended, failed = 0, None
+                while ended < len(pumps) and failed is None:
+                    items = [await queue.get()]
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    out = []
+                    for item in items:
+                        if isinstance(item, asyncio.Future):
+                            ended += 1
+                            failed = failed or (None if item.cancelled() else item.exception())
+                        else:
+                            out.append(event([item]))
+                    if out:
+                        yield b"".join(out)
                 if failed is not None:  # after the 200: the error travels as an event
                     yield f"data: {json.dumps(_failure(classify(failed, head['object'])).body())}\n\n".encode()
                 else:
@@ -422,9 +429,9 @@ class OpenAIFront:
                         yield event([], usage=self._usage(prompt_tokens, finals))
                 yield b"data: [DONE]\n\n"
             finally:  # a client that went away: every sample's stream closes, its request leaves
-                for task in (*pumps, waiter, *([getter] if getter is not None else [])):
+                for task in pumps:
                     task.cancel()
-                await asyncio.gather(*pumps, waiter, *([getter] if getter is not None else []), return_exceptions=True)
+                await asyncio.gather(*pumps, return_exceptions=True)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
