@@ -3,12 +3,13 @@ the engine in-process, gRPC streaming (``AsyncEFTClient``) and OpenAI-compatible
 streaming (the official ``openai`` client's ``AsyncOpenAI``, completions with token-id
 prompts and ``return_token_ids``), at 1 and 16 concurrent streams, plain and speculative.
 
-All three run over the same models in this process (the router over its own copy of the
-roles, which its thread's engine alone touches), so the differences are the fronts' own
-costs: protobuf and gRPC, or JSON, server-sent events and uvicorn, plus each client. The
-router runs on its own thread (as ``RouterThread`` does in the demo); the clients run on
-this thread. Configurations are interleaved round by round and the table reports medians:
-read the ratios (HTTP / gRPC, the issue's target is at least 0.9), not absolute numbers.
+All three run over the same models: the engine in this process, and the router as a
+process of its own (``eft serve --in-process`` on the same model paths), as a user runs it,
+so that the clients' own work (protobuf, or the ``openai`` client's httpx and pydantic
+objects) does not share the server's interpreter. The differences are the fronts' costs:
+protobuf and gRPC, or JSON, server-sent events and uvicorn. Configurations are interleaved
+round by round and the table reports medians: read the ratios (HTTP / gRPC, the issue's
+target is at least 0.9), not absolute numbers.
 
   python bench/bench_fronts.py              # synthetic tiny family (as bench_engine.py)
   python bench/bench_fronts.py --family     # the embedded family (eft family build)
@@ -17,21 +18,27 @@ read the ratios (HTTP / gRPC, the issue's target is at least 0.9), not absolute 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
-from typing import AsyncIterator, Callable, Sequence
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
+import grpc
 import openai
 import torch
+import yaml
 
 from bench_engine import bench_models, bench_prompts, concurrency_parser
 from load import Load, run_streams
 from eft_router.core.spec import SamplingParams, SpeculativeParams
 from eft_router.engine import Engine, GenerationRequest
-from eft_router.server.client import AsyncEFTClient
-from eft_router.server.config import RouterConfig
-from eft_router.server.grpc_server import Router, RouterThread
+from eft_router.server.client import AsyncEFTClient, EFTClient
 
 FRONTS = ("in-process", "gRPC", "HTTP")
 Stream = Callable[[list[int]], AsyncIterator[Sequence[int]]]
@@ -72,9 +79,36 @@ def http_stream(client: openai.AsyncOpenAI, k: int, max_tokens: int) -> Stream:
     return stream
 
 
-async def bench(engine: Engine, router: RouterThread, prompts: list[list[int]], args) -> dict[tuple, list[Load]]:
-    grpc_client = AsyncEFTClient(f"localhost:{router.port}", timeout=600)
-    http_client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{router.router.http_port}/v1", api_key="unused", max_retries=0, timeout=600)
+@contextmanager
+def router_process(paths: dict[str, str], tmp: str) -> Iterator[tuple[int, int]]:
+    """``eft serve --in-process`` over ``paths``, until SERVING; yields its gRPC and HTTP ports."""
+    config = Path(tmp) / "fronts.yaml"
+    config.write_text(yaml.safe_dump({"roles": {r: {"model": p} for r, p in paths.items()}, "router": {"max_concurrent_requests": 256}}))
+    port, http_port = free_port(), free_port()
+    eft = Path(sys.executable).parent / "eft"
+    cmd = [str(eft), "serve", "--in-process", "--quiet", "--config", str(config), "--port", str(port), "--http-port", str(http_port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as the in-process engine here
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"eft serve did not start: {' '.join(cmd)}")
+            try:
+                with EFTClient(f"localhost:{port}") as client:
+                    if client.health(timeout=2) == "SERVING":
+                        break
+            except grpc.RpcError:
+                time.sleep(0.5)
+        yield port, http_port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+async def bench(engine: Engine, ports: tuple[int, int], prompts: list[list[int]], args) -> dict[tuple, list[Load]]:
+    grpc_client = AsyncEFTClient(f"localhost:{ports[0]}", timeout=600)
+    http_client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports[1]}/v1", api_key="unused", max_retries=0, timeout=600)
     makers = {
         "in-process": lambda k: engine_stream(engine, k, args.max_tokens),
         "gRPC": lambda k: grpc_stream(grpc_client, k, args.max_tokens),
@@ -100,14 +134,8 @@ def main() -> None:
         paths = bench_models(args.family, tmp)
         engine = Engine.local(paths)
         prompts = bench_prompts(engine, args.family)
-
-        async def make() -> Router:
-            served = Engine.local(paths)
-            config = RouterConfig(port=0, http_port=free_port(), max_concurrent_requests=256)
-            return Router(served.roles, served.tokenizer, config, backend="local", owns_roles=True)
-
-        with RouterThread(make) as router:
-            samples = asyncio.run(bench(engine, router, prompts, args))
+        with router_process(paths, tmp) as ports:
+            samples = asyncio.run(bench(engine, ports, prompts, args))
 
     def med(c: tuple, read: Callable[[Load], float]) -> float:
         return statistics.median(read(load) for load in samples[c])
