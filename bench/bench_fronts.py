@@ -18,36 +18,23 @@ target is at least 0.9), not absolute numbers.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
-import grpc
 import openai
 import torch
 import yaml
 
 from bench_engine import bench_models, bench_prompts, concurrency_parser
-from load import Load, run_streams
+from load import Load, run_streams, serve_process
 from eft_router.core.spec import SamplingParams, SpeculativeParams
 from eft_router.engine import Engine, GenerationRequest
-from eft_router.server.client import AsyncEFTClient, EFTClient
+from eft_router.server.client import AsyncEFTClient
 
 FRONTS = ("in-process", "gRPC", "HTTP")
 Stream = Callable[[list[int]], AsyncIterator[Sequence[int]]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def engine_stream(engine: Engine, k: int, max_tokens: int) -> Stream:
@@ -79,33 +66,6 @@ def http_stream(client: openai.AsyncOpenAI, k: int, max_tokens: int) -> Stream:
     return stream
 
 
-@contextmanager
-def router_process(paths: dict[str, str], tmp: str) -> Iterator[tuple[int, int]]:
-    """``eft serve --in-process`` over ``paths``, until SERVING; yields its gRPC and HTTP ports."""
-    config = Path(tmp) / "fronts.yaml"
-    config.write_text(yaml.safe_dump({"roles": {r: {"model": p} for r, p in paths.items()}, "router": {"max_concurrent_requests": 256}}))
-    port, http_port = free_port(), free_port()
-    eft = Path(sys.executable).parent / "eft"
-    cmd = [str(eft), "serve", "--in-process", "--quiet", "--config", str(config), "--port", str(port), "--http-port", str(http_port)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as the in-process engine here
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"eft serve did not start: {' '.join(cmd)}")
-            try:
-                with EFTClient(f"localhost:{port}") as client:
-                    if client.health(timeout=2) == "SERVING":
-                        break
-            except grpc.RpcError:
-                time.sleep(0.5)
-        yield port, http_port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
 async def bench(engine: Engine, ports: tuple[int, int], prompts: list[list[int]], args) -> dict[tuple, list[Load]]:
     grpc_client = AsyncEFTClient(f"localhost:{ports[0]}", timeout=600)
     http_client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{ports[1]}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -134,8 +94,11 @@ def main() -> None:
         paths = bench_models(args.family, tmp)
         engine = Engine.local(paths)
         prompts = bench_prompts(engine, args.family)
-        with router_process(paths, tmp) as ports:
-            samples = asyncio.run(bench(engine, ports, prompts, args))
+        config = Path(tmp) / "fronts.yaml"
+        config.write_text(yaml.safe_dump({"roles": {r: {"model": p} for r, p in paths.items()}, "router": {"max_concurrent_requests": 256}}))
+        # one thread, as the in-process engine here
+        with serve_process(["--in-process", "--config", str(config)], env={"OMP_NUM_THREADS": "1"}) as (_, port, http_port):
+            samples = asyncio.run(bench(engine, (port, http_port), prompts, args))
 
     def med(c: tuple, read: Callable[[Load], float]) -> float:
         return statistics.median(read(load) for load in samples[c])

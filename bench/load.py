@@ -8,10 +8,21 @@ is anything that yields chunks of token ids: the engine's ``stream``, a gRPC or 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence, TypeVar
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Sequence, TypeVar
+
+import grpc
+
+from eft_router.server.client import EFTClient
 
 R = TypeVar("R")
 
@@ -70,3 +81,40 @@ async def run_streams(stream: Callable[[R], AsyncIterator[Sequence[int]]], reque
 
 def median_of(loads: Sequence[Load], read: Callable[[Load], float]) -> float:
     return statistics.median(read(x) for x in loads)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_process(args: Sequence[str], env: dict[str, str] | None = None, within_s: float = 600) -> Iterator[tuple[subprocess.Popen, int, int]]:
+    """``eft serve ARGS`` on free gRPC and HTTP ports, until it reports SERVING; yields the
+    process and both ports, and stops it on exit."""
+    port, http_port = free_port(), free_port()
+    eft = Path(sys.executable).parent / "eft"
+    cmd = [str(eft), "serve", *args, "--quiet", "--port", str(port), "--http-port", str(http_port)]
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs must never block on it
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + within_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise SystemExit(f"eft serve exited: {log.read()}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"eft serve did not become SERVING within {within_s:.0f} s")
+            try:
+                with EFTClient(f"localhost:{port}") as client:
+                    if client.health(timeout=2) == "SERVING":
+                        break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        yield proc, port, http_port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()

@@ -25,17 +25,16 @@ import asyncio
 import collections
 import os
 import random
-import socket
 import subprocess
-import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 import openai
 
-from load import quantile
-from eft_router.server.client import AsyncEFTClient, EFTClient
+from load import quantile, serve_process
+from eft_router.server.client import AsyncEFTClient
 
 QUESTIONS = ["What is the birthplace of Ada Park?", "Who employs Tada Lozo?", "What is the profession of Brennis Ralli?", "Tell me about w1."]
 
@@ -64,32 +63,6 @@ def replica_pids() -> dict[str, int]:
             role = cmd.split("ServeReplica:eft-", 1)[1].split(":")[0].split("#")[0].split()[0]
             out[f"{role}:{proc.name}"] = int(proc.name)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_router(local: bool) -> tuple[subprocess.Popen, str, str]:
-    port, http_port = free_port(), free_port()
-    eft = Path(sys.executable).parent / "eft"
-    args = [str(eft), "serve", "--local" if local else "--in-process", "--port", str(port), "--http-port", str(http_port), "--quiet"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    target = f"localhost:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"eft serve exited: {proc.stdout.read()}")
-        try:
-            with EFTClient(target) as c:
-                if c.health(timeout=2) == "SERVING":
-                    return proc, target, f"http://127.0.0.1:{http_port}/v1"
-        except grpc.RpcError:
-            pass
-        time.sleep(1)
-    raise SystemExit("eft serve did not become SERVING within 10 minutes")
 
 
 def request_params(rng: random.Random) -> dict:
@@ -201,7 +174,16 @@ def main() -> None:
     parser.add_argument("--report-every", type=float, default=30.0, help="seconds between memory readings")
     args = parser.parse_args()
 
-    proc, target, http_target = (None, args.target, args.http_target) if args.target else start_router(args.local)
+    with ExitStack() as stack:
+        if args.target:
+            proc, target, http_target = None, args.target, args.http_target
+        else:
+            proc, port, http_port = stack.enter_context(serve_process(["--local" if args.local else "--in-process"]))
+            target, http_target = f"localhost:{port}", f"http://127.0.0.1:{http_port}/v1"
+        run(args, proc, target, http_target)
+
+
+def run(args: argparse.Namespace, proc: subprocess.Popen | None, target: str, http_target: str | None) -> None:
     rows: list[tuple[float, dict[str, float]]] = []
 
     def watch(elapsed: float) -> None:
@@ -211,17 +193,12 @@ def main() -> None:
         rows.append((elapsed, {k: v for k, v in reading.items() if v is not None}))
         print(f"  {elapsed:6.0f} s  " + "  ".join(f"{k} {v:.0f} MB" for k, v in rows[-1][1].items()), flush=True)
 
-    try:
-        print(f"soak: {args.streams} streams for {args.minutes} min against {target} (and {http_target}); resident memory every {args.report_every:.0f} s:")
-        asyncio.run(soak(target, http_target, args.streams, 60 * args.minutes, args.cancel_every, args.http_every, watch, args.report_every))
-        if len(rows) >= 3:
-            warm, last = rows[1][1], rows[-1][1]  # after the first reading (warm-up)
-            growth = {k: 100 * (last[k] - warm[k]) / warm[k] for k in last if k in warm}
-            print("memory growth after warm-up: " + ", ".join(f"{k} {g:+.1f}%" for k, g in growth.items()))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+    print(f"soak: {args.streams} streams for {args.minutes} min against {target} (and {http_target}); resident memory every {args.report_every:.0f} s:")
+    asyncio.run(soak(target, http_target, args.streams, 60 * args.minutes, args.cancel_every, args.http_every, watch, args.report_every))
+    if len(rows) >= 3:
+        warm, last = rows[1][1], rows[-1][1]  # after the first reading (warm-up)
+        growth = {k: 100 * (last[k] - warm[k]) / warm[k] for k in last if k in warm}
+        print("memory growth after warm-up: " + ", ".join(f"{k} {g:+.1f}%" for k, g in growth.items()))
 
 
 if __name__ == "__main__":

@@ -327,3 +327,40 @@ def test_the_scheduler_admits_first_come_first_served_within_the_budget():
     assert plan.leaving == [a] and [(w.request, w.end) for w in plan.work] == [(b, 26)]
     assert work() == [("r1", 26, 30, True), ("r2", 0, 2, True), ("r3", 0, 2, True)]
     assert len(s.running) == 3 and not s.waiting
+
+
+def test_in_process_forward_passes_leave_the_event_loop_free(engine, monkeypatch):
+    """The in-process roles compute on a thread of their own: while a forward pass runs (made
+    to take 0.3 s here), the event loop keeps turning, so health checks and new requests on
+    the router's loop never wait behind a step."""
+    import threading
+    import time
+
+    worker = engine.roles["base_large"].worker
+    score, threads = worker.score, set()
+
+    def slow_score(items):
+        threads.add(threading.get_ident())
+        time.sleep(0.3)
+        return score(items)
+
+    monkeypatch.setattr(worker, "score", slow_score)
+
+    async def scenario() -> float:
+        ticks = [time.monotonic()]
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                ticks.append(time.monotonic())
+
+        ticking = asyncio.create_task(ticker())
+        prompt = engine.tokenizer("w1 w2 w3")["input_ids"]
+        await engine.generate(GenerationRequest(prompt, sampling=SamplingParams(temperature=0.0, max_new_tokens=2)))
+        done.set()
+        await ticking
+        assert threading.get_ident() not in threads and threads
+        return max(b - a for a, b in zip(ticks, ticks[1:]))
+
+    assert asyncio.run(scenario()) < 0.15
