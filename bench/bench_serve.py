@@ -48,12 +48,7 @@ async def forward_seconds(engine: Engine) -> float:
         if hasattr(role, "worker"):
             total += role.worker.forward_seconds
         else:
-            replicas = max(1, len(role.replicas()))
-            seen: dict[str, float] = {}
-            while len(seen) < replicas:
-                st = await role._call("stats")
-                seen[st["replica"]] = st["forward_seconds"]
-            total += sum(seen.values())
+            total += sum(st["forward_seconds"] for st in (await role.replica_stats()).values())
     return total
 
 

@@ -51,7 +51,7 @@ def _pick_device() -> str:
 class SessionAffinityRouter(RequestRouter):
     """Routes each part of a step's call to the replica that owns its sessions.
 
-    The first argument of ``score``, ``draft`` and ``release`` is a routing key: the id of the
+    The first argument of ``score``, ``draft``, ``release``, ``ping`` and ``stats`` is a routing key: the id of the
     replica the caller chose (``eft_router.roles.serve.owner`` over the replica ids this
     router publishes in ``REPLICAS``), or, before the caller knows them, a session id. A key
     that is a live replica's id goes there; any other key goes to its rendezvous owner among
@@ -201,8 +201,8 @@ class RoleDeployment:
         """Ids of the sessions cached on this replica, least recently used first."""
         return self.worker.sessions.ids()
 
-    async def stats(self) -> dict[str, Any]:
-        """This replica's id and cache state (for tests and metrics)."""
+    async def stats(self, route: str = "") -> dict[str, Any]:
+        """This replica's id and cache state (for tests and metrics); ``route`` picks the replica."""
         w = self.worker
         return {
             "sessions": w.sessions.ids(),

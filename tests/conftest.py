@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -112,22 +113,22 @@ def served_ensemble_config(paths: dict[str, str]) -> EnsembleConfig:
     return EnsembleConfig.model_validate({"roles": roles})
 
 
-async def areplica_stats(role: ServeRole, replicas: int, tries: int = 40) -> dict[str, dict[str, Any]]:
-    """``stats()`` of every replica of a role, by replica id. Serve routes each call to one
-    replica (calls without a session go to a random one), so this asks until it has seen
-    ``replicas`` distinct ones."""
-    seen: dict[str, dict[str, Any]] = {}
-    for _ in range(tries):
-        st = await role._call("stats")
-        seen[st["replica"]] = st
-        if len(seen) == replicas:
-            return seen
-    raise AssertionError(f"saw {len(seen)} of {replicas} replicas of {role.info.name}")
+async def areplica_stats(role: ServeRole, replicas: int, wait_s: float = 10.0) -> dict[str, dict[str, Any]]:
+    """``stats()`` of every replica of a role, by replica id, each asked by its id; waits
+    until this process's handle knows ``replicas`` of them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        seen = await role.replica_stats()
+        if len(seen) == replicas or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert len(seen) == replicas, f"saw {len(seen)} of {replicas} replicas of {role.info.name}"
+    return seen
 
 
-def replica_stats(role: ServeRole, replicas: int, tries: int = 40) -> dict[str, dict[str, Any]]:
+def replica_stats(role: ServeRole, replicas: int) -> dict[str, dict[str, Any]]:
     """:func:`areplica_stats` from outside an event loop."""
-    return asyncio.run(areplica_stats(role, replicas, tries))
+    return asyncio.run(areplica_stats(role, replicas))
 
 
 @pytest.fixture(scope="session")

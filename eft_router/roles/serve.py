@@ -29,7 +29,7 @@ from .interface import Draft, DraftItem, PartialFailure, RoleError, RoleFailed, 
 APP_PREFIX = "eft-"
 DEPLOYMENT_NAME = "RoleDeployment"
 SERVE_FLAG = "RAY_SERVE_THROUGHPUT_OPTIMIZED"  # set to "1" in the processes the project starts
-SESSION_METHODS = frozenset({"score", "draft", "release", "ping"})  # first argument: the routing key
+SESSION_METHODS = frozenset({"score", "draft", "release", "ping", "stats"})  # first argument: the routing key
 REPLICAS: dict[str, tuple[str, ...]] = {}  # Serve application -> its live replica ids, as this process's handles see them
 
 
@@ -115,6 +115,16 @@ class ServeRole:
     def replicas(self) -> tuple[str, ...]:
         """The live replica ids this process's handle knows (empty before its first update)."""
         return REPLICAS.get(self.app, ())
+
+    async def replica_stats(self) -> dict[str, dict[str, Any]]:
+        """``stats`` of every live replica, by replica id: each asked by its id (before the
+        handle knows its replicas, the one replica an unrouted call reaches)."""
+        routes = self.replicas()
+        if not routes:
+            st = await self._call("stats")
+            return {st["replica"]: st}
+        found = await asyncio.gather(*(self._call("stats", route) for route in routes))
+        return {st["replica"]: st for st in found}
 
     def _by_replica(self, keys: Sequence[str]) -> dict[str, list[int]]:
         """Item indices per routing key: each live replica's sessions, or, before the handle
