@@ -69,3 +69,29 @@ def build_tiny_family(
         tokenizer.save_pretrained(path)
         paths[role] = str(path)
     return paths
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_lora(base: str, out: Path | str, seed: int, rank: int = 4, targets: tuple[str, ...] = LORA_TARGETS) -> str:
+    """A LoRA adapter of the model at ``base`` with both factors random (PEFT's default
+    init is a no-op update), saved with ``save_pretrained``; returns its path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(out)
+    return str(out)
+
+
+def merged_lora(base: str, adapter: str, out: Path | str) -> str:
+    """The adapter merged into a full copy of its base (PEFT's ``merge_and_unload``), saved
+    with the base's tokenizer: the reference a co-served adapter role must equal."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload().save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return str(out)

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from eft_router.roles.adapters import read_adapter_config
 from eft_router.roles.interface import DraftItem, RoleInfo, ScoreItem
 from eft_router.roles.models import check_model
 from eft_router.roles import serve as serve_backend
@@ -125,8 +126,11 @@ class RoleDeployment:
         vocab_size: int | None = None,
         session_idle_s: float | None = None,
         tp_size: int = 1,
+        adapters: dict[str, str] | None = None,
     ) -> None:
         check_model(role, model, need_tokenizer=vocab_size is None)  # one line, before anything loads
+        for name, path in (adapters or {}).items():
+            read_adapter_config(name, path)
         self._vocab: dict[str, int] | None = None
         try:
             from transformers import AutoTokenizer
@@ -148,8 +152,10 @@ class RoleDeployment:
             name=role, model=model, vocab_size=vocab_size, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
             max_seq_len=max_seq_len, session_idle_s=session_idle_s,
         )
+        if adapters and tp_size > 1:
+            raise ValueError(f"role {role!r}: adapter roles ({', '.join(adapters)}) cannot be co-served with tp_size {tp_size}")
         self.worker: RoleWorker | TensorParallelWorker = (
-            TensorParallelWorker(tp_size, **args) if tp_size > 1 else RoleWorker(**args, device=_pick_device())
+            TensorParallelWorker(tp_size, **args) if tp_size > 1 else RoleWorker(**args, device=_pick_device(), adapters=adapters)
         )
         # The session table sees idleness only when a call touches it: sweep, so that an
         # abandoned session goes even when no further call comes (at most 1.5 x session_idle_s
@@ -171,9 +177,10 @@ class RoleDeployment:
         return _packed(rows), [len(r) for r in rows]
 
     async def draft(self, route: str, items: Sequence[DraftItem]) -> tuple[list[list[int]], torch.Tensor]:
-        """Each item's drafted tokens, and all items' rows in one tensor."""
+        """Each item's drafted tokens, and all items' rows in one tensor (per item, the
+        drafter's rows, then those of each role in its ``also``)."""
         drafts = self.worker.draft(items)
-        return [d.tokens for d in drafts], _packed([d.logprobs for d in drafts])
+        return [d.tokens for d in drafts], _packed([r for d, it in zip(drafts, items) for r in (d.logprobs, *(d.others[a] for a in it.also))])
 
     async def release(self, route: str, session_ids: Sequence[str]) -> None:
         self.worker.release(list(session_ids))
@@ -189,6 +196,10 @@ class RoleDeployment:
     async def info(self) -> RoleInfo:
         return self.worker.info
 
+    async def infos(self) -> dict[str, RoleInfo]:
+        """Every role this replica serves: its own, and its adapter roles'."""
+        return self.worker.infos
+
     async def vocab_digest(self) -> str | None:
         """SHA-256 of the token-to-id map, or None when the model has no tokenizer."""
         return self._digest
@@ -198,15 +209,16 @@ class RoleDeployment:
         return self._vocab
 
     async def sessions(self) -> list[str]:
-        """Ids of the sessions cached on this replica, least recently used first."""
-        return self.worker.sessions.ids()
+        """Ids of the sessions cached on this replica, least recently used first (per role
+        of a group)."""
+        return self.worker.session_ids()
 
     async def stats(self, route: str = "") -> dict[str, Any]:
         """This replica's id and cache state (for tests and metrics); ``route`` picks the replica."""
         w = self.worker
         return {
-            "sessions": w.sessions.ids(),
-            "cached_tokens": w.sessions.cached_tokens,
+            "sessions": w.session_ids(),
+            "cached_tokens": w.cached_tokens,
             "computed_tokens": w.computed_tokens,
             "forward_passes": w.forward_passes,
             "forward_rows": w.forward_rows,

@@ -109,20 +109,6 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-class _SessionsView:
-    """``worker.sessions`` as the deployment reads it (``ids()``, ``cached_tokens``), from the ranks."""
-
-    def __init__(self, group: "TensorParallelWorker") -> None:
-        self._group = group
-
-    def ids(self) -> list[str]:
-        return self._group.call("sessions.ids")
-
-    @property
-    def cached_tokens(self) -> int:
-        return self._group.call("sessions.cached_tokens")
-
-
 class LastUse:
     """When each session was last used, by the replica's one clock.
 
@@ -209,6 +195,7 @@ class TensorParallelWorker:
         self._lock = threading.Lock()
         self._failure: str | None = None
         self.info: RoleInfo = self.call("info")
+        self.infos = {self.info.name: self.info}
 
     def __getattr__(self, name: str) -> Any:
         """A :class:`RoleWorker` method runs on every rank; any other public attribute
@@ -219,7 +206,7 @@ class TensorParallelWorker:
             return functools.partial(self.call, name)
         return self.call(name)
 
-    validate = RoleWorker.validate  # reads only self.info: no round trip to the ranks
+    validate = RoleWorker.validate  # reads only self.info(s): no round trip to the ranks
 
     def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
         return self._calls("score", items)
@@ -241,10 +228,6 @@ class TensorParallelWorker:
         if expired:
             self.call("release", expired)
         return expired
-
-    @property
-    def sessions(self) -> _SessionsView:
-        return _SessionsView(self)
 
     def _fail(self, rank: int, err: BaseException) -> TensorParallelError:
         what = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"

@@ -57,6 +57,22 @@ def family_paths(tmp_path_factory) -> dict[str, str]:
     return build_tiny_family(tmp_path_factory.mktemp("family"), WORDS, ROLES)
 
 
+ADAPTERS = {"ft_small": 21, "ft_safe": 22}  # LoRA roles of base_small (random init seeds)
+
+
+@pytest.fixture(scope="session")
+def adapter_paths(family_paths, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """LoRA adapters of the tiny family's base_small (``adapters``: role -> adapter
+    directory) and the same adapters merged into full models (``merged``: role -> model)."""
+    from eft_router.tiny import merged_lora, tiny_lora
+
+    root = tmp_path_factory.mktemp("adapters")
+    base = family_paths["base_small"]
+    adapters = {role: tiny_lora(base, root / role, seed) for role, seed in ADAPTERS.items()}
+    merged = {role: merged_lora(base, path, root / f"{role}-merged") for role, path in adapters.items()}
+    return {"adapters": adapters, "merged": merged}
+
+
 @pytest.fixture(scope="session")
 def engine(family_paths) -> Engine:
     return Engine.local(family_paths, kv_cache_bytes=KV_CACHE_BYTES)

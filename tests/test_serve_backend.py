@@ -179,10 +179,10 @@ def test_ctrl_c_while_connecting_is_not_a_role_failure(serve_roles, monkeypatch)
     from eft_router.roles.interface import RoleError
     from eft_router.roles.serve import connect_serve_roles
 
-    method = DeploymentHandle.__getattr__  # handle.info, handle.vocab, ...
+    method = DeploymentHandle.__getattr__  # handle.infos, handle.vocab, ...
 
     def interrupted(self, name):
-        if name == "info":
+        if name == "infos":
             raise KeyboardInterrupt
         return method(self, name)
 
@@ -191,7 +191,7 @@ def test_ctrl_c_while_connecting_is_not_a_role_failure(serve_roles, monkeypatch)
         connect_serve_roles(["ft_small"])
 
     def failing(self, name):
-        if name == "info":
+        if name == "infos":
             raise RuntimeError("replica down")
         return method(self, name)
 
@@ -202,19 +202,19 @@ def test_ctrl_c_while_connecting_is_not_a_role_failure(serve_roles, monkeypatch)
 
 def test_vocabulary_check_names_roles():
     from eft_router.roles.interface import RoleInfo
-    from eft_router.roles.serve import _check_roles
+    from eft_router.roles.serve import _assemble, _check_roles
     from eft_router.core.vocab import VocabularyMismatch
 
     infos = {r: RoleInfo(r, "m", 3, 16, 8, 16) for r in ("base_large", "ft_small")}
     vocabs = {"base_large": {"a": 0, "b": 1, "c": 2}, "ft_small": {"a": 0, "c": 1, "b": 2}}
-    apps = {r: f"eft-{r}" for r in infos}
-    _check_roles(infos, {"base_large": "x", "ft_small": "x"}, vocabs.__getitem__, apps)
+    _check_roles(infos, {"base_large": "x", "ft_small": "x"}, vocabs.__getitem__)
     with pytest.raises(VocabularyMismatch, match="'ft_small'.*'base_large'.*id 1: 'b' vs 'c'"):
-        _check_roles(infos, {"base_large": "x", "ft_small": "y"}, vocabs.__getitem__, apps)
+        _check_roles(infos, {"base_large": "x", "ft_small": "y"}, vocabs.__getitem__)
     with pytest.raises(VocabularyMismatch, match="size.*'ft_small': 4"):
-        _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16, 8, 16)}, {}, vocabs.__getitem__, apps)
-    with pytest.raises(VocabularyMismatch, match="'ft_small'.*'eft-ft_small' serves role 'base_large'"):
-        _check_roles({**infos, "ft_small": infos["base_large"]}, {}, vocabs.__getitem__, apps)
+        _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16, 8, 16)}, {}, vocabs.__getitem__)
+    apps = {"ft_small": "eft-ft_small"}
+    with pytest.raises(VocabularyMismatch, match="'ft_small'.*'eft-ft_small' serves role\\(s\\) base_large, not it"):
+        _assemble(["ft_small"], apps, {"eft-ft_small": None}, {"eft-ft_small": {"base_large": infos["base_large"]}}, {}, vocabs.__getitem__, None)
 
 
 # -- the ensemble config ------------------------------------------------------------------------

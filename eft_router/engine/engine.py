@@ -6,7 +6,10 @@ A step is three stages, as in vLLM's ``EngineCore.step``:
    or its next block (the rest of its prompt, then k drafts, verified).
 2. **execute**: one ``draft`` call per drafter with every speculative request's block, then
    one ``score`` call per verifying role, all roles at once, each carrying every request's
-   positions. The number of role calls does not depend on the number of requests.
+   positions. The number of role calls does not depend on the number of requests. Roles
+   co-served by one backend (a base and its LoRA adapters) share each call, and the
+   drafter's group returns its other members' rows with the draft: a speculative up-scaling
+   block then calls two backends, not three.
 3. **update**: the EFT combination and the exact acceptance rule for every request as batched
    tensor operations (each request with its own spec, temperature, top-k and top-p), then
    each request's accepted tokens go to its stream, and finished requests leave.
@@ -24,7 +27,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -75,6 +78,7 @@ class _Block:
     uniforms: list[float]
     draft: Draft | None = None
     rows: dict[str, torch.Tensor] | None = None
+    also: tuple[str, ...] = ()  # roles whose rows come with the draft (the drafter's group)
 
     @property
     def tokens(self) -> list[int]:
@@ -291,34 +295,63 @@ class Engine:
 
     # -- execute: the role calls ---------------------------------------------------------------
 
-    async def _call(self, role: str, call: str, items: list) -> Any:
-        self.role_calls[(role, call)] += 1
-        return await getattr(self.roles[role], call)(items)
+    def _backend(self, role: str) -> tuple[str, Role, str]:
+        """Where ``role``'s calls go: the call's name (in ``role_calls``), the backend, and the
+        role its items name there ("" for a backend of one role). The members of a co-served
+        group share one backend, named by its roles joined with ``+``."""
+        r = self.roles[role]
+        group = getattr(r, "group", None)
+        if group is None:
+            return role, r, ""
+        return "+".join(group.infos), group, role
+
+    def _co_served(self, role: str, roles: Iterable[str]) -> tuple[str, ...]:
+        """The other roles of ``roles`` that ``role``'s backend also serves."""
+        name = self._backend(role)[0]
+        return tuple(r for r in roles if r != role and self._backend(r)[0] == name)
+
+    async def _call(self, name: str, backend: Role, call: str, items: list) -> Any:
+        self.role_calls[(name, call)] += 1
+        return await getattr(backend, call)(items)
 
     async def _release(self, sessions: Mapping[str, list[str]]) -> None:
         """Best effort: a role that cannot be reached keeps the caches until its LRU bound or
-        idle timeout frees them; that is logged, not raised (their requests have ended)."""
-        calls = {role: ids for role, ids in sessions.items() if ids}
-        results = await asyncio.gather(*(self._call(r, "release", ids) for r, ids in calls.items()), return_exceptions=True)
-        for role, result in zip(calls, results):
+        idle timeout frees them; that is logged, not raised (their requests have ended). A
+        group frees a session on all its members in one call."""
+        calls: dict[str, tuple[Role, dict[str, None]]] = {}
+        for role, ids in sessions.items():
+            if ids:
+                name, backend, _ = self._backend(role)
+                calls.setdefault(name, (backend, {}))[1].update(dict.fromkeys(ids))
+        results = await asyncio.gather(*(self._call(n, b, "release", list(ids)) for n, (b, ids) in calls.items()), return_exceptions=True)
+        for name, result in zip(calls, results):
             if isinstance(result, Exception):
-                log.warning("could not release %d session(s) on role %s: %s", len(calls[role]), role, result)
+                log.warning("could not release %d session(s) on role %s: %s", len(calls[name][1]), name, result)
 
     async def _calls(self, calls: Mapping[str, list[tuple[RequestState, Any]]], method: str) -> dict[RequestState, dict[str, Any]]:
-        """One ``method`` call per role, all at once; per request, its results by role. A call
-        that fails ends the requests in it (with that error) and no other."""
-        roles = [r for r, items in calls.items() if items]
-        replies = await asyncio.gather(*(self._call(r, method, [it for _, it in calls[r]]) for r in roles), return_exceptions=True)
+        """One ``method`` call per backend (the roles of a co-served group share one), all at
+        once; per request, its results by role. A call that fails ends the requests in it
+        (with that error) and no other."""
+        batches: dict[str, tuple[Role, list[tuple[RequestState, str, Any]]]] = {}
+        for role, items in calls.items():
+            name, backend, tag = self._backend(role)
+            batch = batches.setdefault(name, (backend, []))[1]
+            batch += [(request, role, replace(item, role=tag) if tag else item) for request, item in items]
+        names = [n for n, (_, batch) in batches.items() if batch]
+        replies = await asyncio.gather(
+            *(self._call(n, batches[n][0], method, [it for _, _, it in batches[n][1]]) for n in names), return_exceptions=True
+        )
         out: dict[RequestState, dict[str, Any]] = {}
-        for role, reply in zip(roles, replies):
+        for name, reply in zip(names, replies):
+            batch = batches[name][1]
             errors: dict[int, BaseException] = {}
             if isinstance(reply, PartialFailure):  # one replica of several failed: its requests end
                 errors, reply = reply.errors, reply.results
             elif isinstance(reply, BaseException):
                 if not isinstance(reply, Exception):
                     raise reply
-                errors, reply = dict.fromkeys(range(len(calls[role])), reply), [None] * len(calls[role])
-            for i, ((request, _), result) in enumerate(zip(calls[role], reply)):
+                errors, reply = dict.fromkeys(range(len(batch)), reply), [None] * len(batch)
+            for i, ((request, role, _), result) in enumerate(zip(batch, reply)):
                 if i in errors:
                     request.finish(errors[i])
                 else:
@@ -351,7 +384,9 @@ class Engine:
             drafting: dict[str, list] = {}
             for b in blocks:
                 if b.k:
-                    item = DraftItem(b.request.session_id, b.request.context, b.k, b.request.draft, b.uniforms[: b.k])
+                    # the drafter's group also computes its co-served roles' rows while drafting
+                    b.also = self._co_served(b.request.drafter, b.request.plan.roles)
+                    item = DraftItem(b.request.session_id, b.request.context, b.k, b.request.draft, b.uniforms[: b.k], also=b.also)
                     drafting.setdefault(b.request.drafter, []).append((b.request, item))
             drafts = await self._calls(drafting, "draft")
             scoring: dict[str, list] = {}
@@ -374,7 +409,7 @@ class Engine:
                     b.draft = drafts[request][request.drafter]
                 block = request.context + b.tokens
                 for role in request.plan.roles:
-                    if role != request.drafter or not b.k:
+                    if not b.k or (role != request.drafter and role not in b.also):
                         scoring.setdefault(role, []).append((request, ScoreItem(request.session_id, block, len(b.tokens) + 1)))
             scores = await self._calls(scoring, "score")
             for w in plan.work:
@@ -386,6 +421,7 @@ class Engine:
                     b.rows = dict(scores.get(b.request, {}))
                     if b.draft is not None:
                         b.rows[b.request.drafter] = b.draft.logprobs
+                        b.rows.update(b.draft.others)
             return [b for b in blocks if not b.request.finished]
         finally:
             await releasing

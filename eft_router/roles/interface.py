@@ -5,6 +5,12 @@ costs one call per role however many requests share it. The in-process backend
 (:mod:`eft_router.roles.local`) and the Ray Serve backend (:mod:`eft_router.roles.serve`)
 implement it; the engine sees nothing else, so both give identical results.
 
+A backend may serve several roles (a co-served group: a base model and its LoRA adapters,
+:mod:`eft_router.roles.adapters`): its ``infos`` has one entry per role, and each item
+names its role in ``role`` ("" is the backend's own, ``info``). :class:`Member` shows one
+role of a group as a plain :class:`Role`; the engine merges the calls of members that share
+a backend into one call.
+
 Every item carries the session id and the *full* token ids of its context: a worker that
 never saw the session (or evicted it) recomputes the prefix, so correctness never depends
 on routing or cache state; a cached session only makes it fast.
@@ -13,7 +19,7 @@ on routing or cache state; a cached session only makes it fast.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -68,33 +74,40 @@ class ScoreItem:
     session_id: str
     token_ids: Sequence[int]
     rows: int = 1
+    role: str = ""
 
 
 @dataclass(frozen=True)
 class DraftItem:
     """Sample up to ``k`` tokens after ``token_ids``, one per step, the i-th by inverse CDF
-    on ``uniforms[i]``."""
+    on ``uniforms[i]``. ``also``: other roles of the drafter's group whose rows at the same
+    positions the same forward passes compute (:attr:`Draft.others`)."""
 
     session_id: str
     token_ids: Sequence[int]
     k: int
     params: DraftParams
     uniforms: Sequence[float]
+    role: str = ""
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Draft:
     """``tokens``: up to k tokens sampled from the drafter's own sampling distribution;
     ``logprobs``: its raw log-softmax rows for the positions after each of them and the one
-    before, ``[len(tokens) + 1, V]``."""
+    before, ``[len(tokens) + 1, V]``; ``others``: the same rows of each role of the item's
+    ``also``."""
 
     tokens: list[int]
     logprobs: torch.Tensor
+    others: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @runtime_checkable
 class Role(Protocol):
-    info: RoleInfo
+    info: RoleInfo  # the backend's own role
+    infos: dict[str, RoleInfo]  # every role it serves (one entry, unless it is a group)
 
     async def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
         """One log-prob tensor ``[item.rows, V]`` per item, in order."""
@@ -112,6 +125,37 @@ class Role(Protocol):
         """Return when the role can answer calls (every replica, when it has several);
         raise :class:`RoleUnavailable` naming what does not answer within ``timeout_s``."""
         ...
+
+
+class Member:
+    """One role of a co-served group, as a :class:`Role` of its own: its calls go to the
+    group tagged with its name. ``group`` is the shared backend: the engine sends one call
+    per group and step, carrying every member's items."""
+
+    def __init__(self, group: Role, name: str) -> None:
+        self.group = group
+        self.info = group.infos[name]
+        self.infos = {name: self.info}
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
+        return await self.group.score([replace(it, role=self.info.name) for it in items])
+
+    async def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
+        return await self.group.draft([replace(it, role=self.info.name) for it in items])
+
+    async def release(self, session_ids: Sequence[str]) -> None:
+        """Frees the sessions on every member of the group (a session id is one request's)."""
+        await self.group.release(session_ids)
+
+    async def probe(self, timeout_s: float) -> None:
+        await self.group.probe(timeout_s)
+
+
+def members(backend: Role) -> dict[str, Role]:
+    """The roles a backend serves: itself, or a :class:`Member` per role of a group."""
+    if len(backend.infos) == 1:
+        return {backend.info.name: backend}
+    return {name: Member(backend, name) for name in backend.infos}
 
 
 class RoleError(RuntimeError):

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..core.vocab import MAX_LISTED, VocabularyMismatch, differences
-from .interface import Draft, DraftItem, PartialFailure, RoleError, RoleFailed, RoleInfo, RoleUnavailable, ScoreItem
+from .interface import Draft, DraftItem, PartialFailure, Role, RoleError, RoleFailed, RoleInfo, RoleUnavailable, ScoreItem, members
 
 APP_PREFIX = "eft-"
 DEPLOYMENT_NAME = "RoleDeployment"
@@ -91,8 +91,11 @@ class ServeRole:
     call, split here into the items' rows.
     """
 
-    def __init__(self, info: RoleInfo, handle: Any, timeout_s: float | None = None, app: str | None = None) -> None:
+    def __init__(
+        self, info: RoleInfo, handle: Any, timeout_s: float | None = None, app: str | None = None, infos: dict[str, RoleInfo] | None = None
+    ) -> None:
         self.info = info
+        self.infos = infos or {info.name: info}  # every role the deployment serves (a group: several)
         self.handle = handle
         self.timeout_s = timeout_s
         self.app = app or app_name(info.name)
@@ -137,9 +140,9 @@ class ServeRole:
             groups.setdefault(owner(key, replicas), []).append(i)
         return groups
 
-    async def _fan_out(self, method: str, items: Sequence[Any], unpack: Callable[[Any], list]) -> list:
+    async def _fan_out(self, method: str, items: Sequence[Any], unpack: Callable[[Any, list], list]) -> list:
         """One call per replica (its part of ``items``), results back in the items' order;
-        ``unpack`` turns a part's reply into its results. A failed part fails its items only
+        ``unpack`` turns a part's reply (and the part's items) into its results. A failed part fails its items only
         (:class:`PartialFailure`); when every part fails, the call raises that error."""
         groups = self._by_replica([item if isinstance(item, str) else item.session_id for item in items])
         replies = await asyncio.gather(
@@ -154,7 +157,7 @@ class ServeRole:
                     raise reply
                 errors.update({i: reply for i in where})
                 continue
-            for i, result in zip(where, unpack(reply)):
+            for i, result in zip(where, unpack(reply, [items[i] for i in where])):
                 out[i] = result
         if errors:
             if len(errors) == len(items):
@@ -163,17 +166,22 @@ class ServeRole:
         return out
 
     async def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
-        return await self._fan_out("score", items, lambda reply: list(torch.split(*reply)))
+        return await self._fan_out("score", items, lambda reply, part: list(torch.split(*reply)))
 
     async def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
-        def unpack(reply: tuple[list[list[int]], torch.Tensor]) -> list[Draft]:
+        def unpack(reply: tuple[list[list[int]], torch.Tensor], part: list[DraftItem]) -> list[Draft]:
+            # per item: the drafter's rows, then each ``also`` role's, all len(tokens) + 1 long
             tokens, rows = reply
-            return [Draft(t, r) for t, r in zip(tokens, torch.split(rows, [len(t) + 1 for t in tokens]))]
+            out = []
+            for t, item, r in zip(tokens, part, torch.split(rows, [(len(t) + 1) * (1 + len(it.also)) for t, it in zip(tokens, part)])):
+                own, *others = torch.split(r, len(t) + 1)
+                out.append(Draft(t, own, dict(zip(item.also, others))))
+            return out
 
         return await self._fan_out("draft", items, unpack)
 
     async def release(self, session_ids: Sequence[str]) -> None:
-        await self._fan_out("release", list(session_ids), lambda reply: [None] * len(session_ids))
+        await self._fan_out("release", list(session_ids), lambda reply, part: [None] * len(part))
 
     async def close(self) -> None:
         """Shut the handle down (on the loop that used it: with Serve's throughput-optimized
@@ -196,11 +204,8 @@ async def _await(response: Any) -> Any:
     return await response
 
 
-def _check_roles(infos: dict[str, RoleInfo], digests: dict[str, str | None], fetch_vocab, apps: dict[str, str]) -> None:
+def _check_roles(infos: dict[str, RoleInfo], digests: dict[str, str | None], fetch_vocab) -> None:
     """Refuse roles whose vocabulary sizes or token-to-id maps differ (naming them)."""
-    for role, info in infos.items():
-        if info.name != role:
-            raise VocabularyMismatch(f"role {role!r}: application {apps[role]!r} serves role {info.name!r}")
     sizes = {role: info.vocab_size for role, info in infos.items()}
     if len(set(sizes.values())) > 1:
         raise VocabularyMismatch(f"roles disagree on the shared vocabulary size: {sizes}")
@@ -216,40 +221,85 @@ def _check_roles(infos: dict[str, RoleInfo], digests: dict[str, str | None], fet
         )
 
 
+def _serving(roles: Sequence[str], served_by: Mapping[str, str] | None, prefix: str) -> dict[str, str]:
+    """Each role's application: its own, or (``served_by``) the one of the role whose group
+    serves it."""
+    served_by = served_by or {}
+    return {role: app_name(served_by.get(role, role), prefix) for role in roles}
+
+
+def _assemble(
+    roles: Sequence[str],
+    apps: dict[str, str],
+    handles: dict[str, Any],
+    infos: dict[str, dict[str, RoleInfo]],
+    digests: dict[str, str | None],
+    fetch_vocab: Callable[[str], dict[str, int]],
+    call_timeout_s: float | None,
+) -> dict[str, Role]:
+    """The roles over their applications' handles (one backend per application, a
+    :class:`Member` per role of a group), after checking that each application serves its
+    roles and that all share one vocabulary. ``infos``, ``digests``, ``fetch_vocab``: by
+    application."""
+    first = {app: next(r for r in roles if apps[r] == app) for app in handles}  # a role to name each application by
+    for role in roles:
+        if role not in infos[apps[role]]:
+            raise VocabularyMismatch(f"role {role!r}: application {apps[role]!r} serves role(s) {', '.join(infos[apps[role]])}, not it")
+    _check_roles(
+        {role: infos[apps[role]][role] for role in roles},
+        {first[app]: d for app, d in digests.items()},
+        lambda role: fetch_vocab(apps[role]),
+    )
+    out: dict[str, Role] = {}
+    for app, handle in handles.items():
+        app_infos = infos[app]
+        primary = next(info for info in app_infos.values())
+        out.update(members(ServeRole(primary, handle, call_timeout_s, app, app_infos)))
+    return {role: out[role] for role in roles}
+
+
 def connect_serve_roles(
-    roles: Sequence[str], timeout_s: float | None = 60.0, call_timeout_s: float | None = None, app_prefix: str = APP_PREFIX
-) -> dict[str, ServeRole]:
+    roles: Sequence[str],
+    timeout_s: float | None = 60.0,
+    call_timeout_s: float | None = None,
+    app_prefix: str = APP_PREFIX,
+    served_by: Mapping[str, str] | None = None,
+) -> dict[str, Role]:
     """Handles to the served ``roles`` (from outside an event loop; inside one use
-    :func:`aconnect_serve_roles`). Fetches each role's info and checks that all roles share
-    one vocabulary (sizes, and token-to-id maps by digest, naming the first differences).
-    ``timeout_s`` bounds these connection calls; ``call_timeout_s`` each later role call
-    (None: unbounded). Role ``r`` is the application ``app_prefix + r``."""
-    apps = {role: app_name(role, app_prefix) for role in roles}
-    handles = {role: _handle(role, apps[role]) for role in roles}
+    :func:`aconnect_serve_roles`). Fetches each application's roles and checks that all
+    roles share one vocabulary (sizes, and token-to-id maps by digest, naming the first
+    differences). ``timeout_s`` bounds these connection calls; ``call_timeout_s`` each later
+    role call (None: unbounded). Role ``r`` is the application ``app_prefix + r``, or, for
+    an adapter role co-served with its base, ``app_prefix + served_by[r]``."""
+    apps = _serving(roles, served_by, app_prefix)
+    handles = {app: _handle(next(r for r in roles if apps[r] == app), app) for app in dict.fromkeys(apps.values())}
 
-    def get(role: str, method: str) -> Any:
+    def get(app: str, method: str) -> Any:
         try:
-            return getattr(handles[role], method).remote().result(timeout_s=timeout_s)
+            return getattr(handles[app], method).remote().result(timeout_s=timeout_s)
         except Exception as err:  # Ctrl-C (KeyboardInterrupt) is not a role failure: it passes
-            raise _map_error(role, err, apps[role]) from err
+            raise _map_error(next(r for r in roles if apps[r] == app), err, app) from err
 
-    infos = {role: get(role, "info") for role in roles}
-    digests = {role: get(role, "vocab_digest") for role in roles}
-    _check_roles(infos, digests, lambda role: get(role, "vocab"), apps)
-    return {role: ServeRole(infos[role], handles[role], call_timeout_s, apps[role]) for role in roles}
+    infos = {app: get(app, "infos") for app in handles}
+    digests = {app: get(app, "vocab_digest") for app in handles}
+    return _assemble(roles, apps, handles, infos, digests, lambda app: get(app, "vocab"), call_timeout_s)
 
 
 async def aconnect_serve_roles(
-    roles: Sequence[str], timeout_s: float | None = 60.0, call_timeout_s: float | None = None, app_prefix: str = APP_PREFIX
-) -> dict[str, ServeRole]:
+    roles: Sequence[str],
+    timeout_s: float | None = 60.0,
+    call_timeout_s: float | None = None,
+    app_prefix: str = APP_PREFIX,
+    served_by: Mapping[str, str] | None = None,
+) -> dict[str, Role]:
     """:func:`connect_serve_roles` for code running in an event loop (the router)."""
-    apps = {role: app_name(role, app_prefix) for role in roles}
-    handles = {role: _handle(role, apps[role]) for role in roles}
-    probes = {role: ServeRole(RoleInfo(role, "", 0, 0, 0, 0), handles[role], timeout_s, apps[role]) for role in roles}
-    infos = dict(zip(roles, await asyncio.gather(*(probes[r]._call("info") for r in roles))))
-    digests = dict(zip(roles, await asyncio.gather(*(probes[r]._call("vocab_digest") for r in roles))))
+    apps = _serving(roles, served_by, app_prefix)
+    names = {app: next(r for r in roles if apps[r] == app) for app in dict.fromkeys(apps.values())}
+    handles = {app: _handle(role, app) for app, role in names.items()}
+    probes = {app: ServeRole(RoleInfo(names[app], "", 0, 0, 0, 0), handles[app], timeout_s, app) for app in handles}
+    infos = dict(zip(handles, await asyncio.gather(*(probes[a]._call("infos") for a in handles))))
+    digests = dict(zip(handles, await asyncio.gather(*(probes[a]._call("vocab_digest") for a in handles))))
     vocabs = {}
     if len({d for d in digests.values() if d is not None}) > 1:
-        vocabs = dict(zip(roles, await asyncio.gather(*(probes[r]._call("vocab") for r in roles))))
-    _check_roles(infos, digests, vocabs.__getitem__, apps)
-    return {role: ServeRole(infos[role], handles[role], call_timeout_s, apps[role]) for role in roles}
+        vocabs = dict(zip(handles, await asyncio.gather(*(probes[a]._call("vocab") for a in handles))))
+    return _assemble(roles, apps, handles, infos, digests, vocabs.__getitem__, call_timeout_s)

@@ -1,7 +1,10 @@
 """A role worker: one Hugging Face causal LM with its sessions' KV caches in slots.
 
 The same class runs in-process (:mod:`eft_router.roles.local`) and inside a Ray Serve
-replica. It is synchronous and single-threaded by design: the caller owns concurrency; a
+replica. With ``adapters`` it serves a co-served group: the model's own role and one role
+per PEFT LoRA adapter of it, every member's rows of a call in the same forward passes
+(PEFT's mixed-batch inference, one adapter name per row), each member with its own share
+of the KV slots (an adapter changes the keys and values, so members never share a cache). It is synchronous and single-threaded by design: the caller owns concurrency; a
 worker only turns a batch of items into log-probs as cheaply as the cache allows. A call's
 items become as few forward passes as padding allows (:func:`width_groups`): one for a step
 of decodes, a separate one for a long prefill, whose width would otherwise pad every row.
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from ..core.sampling import sample_from, sampling_probs
+from .adapters import BASE_ADAPTER, attach_adapters
 from .interface import Draft, DraftItem, RoleInfo, ScoreItem
 from .kv_cache import ATTENTION, Session, SessionTable, SlotBatch, SlotKVCache
 
@@ -52,11 +56,14 @@ def slot_bytes(config, slot_length: int, dtype: torch.dtype) -> int:
 @dataclass
 class _Row:
     """One session's part of a forward pass: feed ``new`` after its cached tokens, keep the
-    log-probs of the last ``rows`` positions."""
+    log-probs of the last ``rows`` positions. ``slot``: the session's slot in the worker's
+    KV cache (its member's share, offset); ``adapter``: its member's PEFT adapter name."""
 
     session: Session
     new: Sequence[int]
     rows: int
+    slot: int
+    adapter: str
 
 
 class RoleWorker:
@@ -70,6 +77,11 @@ class RoleWorker:
     that long unused. ``prepare`` transforms the loaded model before it moves to ``device``:
     a tensor-parallel rank (``services.tensor_parallel``) swaps in its DeepSpeed shard there,
     so that the rest of the worker runs unchanged on the shard.
+
+    ``adapters`` (role -> PEFT LoRA directory) makes the worker a co-served group: members
+    are ``name`` (the model itself) and each adapter role; ``infos`` has one entry per member,
+    ``info`` is ``name``'s. Items name their member in ``role`` ("" is ``name``); every member
+    gets ``kv_cache_bytes // slot // members`` slots.
     """
 
     def __init__(
@@ -84,10 +96,16 @@ class RoleWorker:
         session_idle_s: float | None = None,
         prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        adapters: Mapping[str, str] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        adapters = dict(adapters or {})
+        if adapters and prepare is not None:
+            raise ValueError(f"role {name!r}: adapter roles ({', '.join(adapters)}) cannot be co-served with a tensor-parallel shard")
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], attn_implementation=ATTENTION)
+        if adapters:
+            loaded = attach_adapters(name, model, loaded, adapters)
         self.model = (prepare(loaded) if prepare else loaded).to(device).eval()
         rows = self.model.get_output_embeddings().weight.shape[0]
         if rows < vocab_size:
@@ -102,16 +120,22 @@ class RoleWorker:
         if context and length > context:
             raise ValueError(f"role {name!r}: max_seq_len {length} exceeds the model's context length {context}")
         per_slot = slot_bytes(config, length, DTYPES[dtype])
-        slots = kv_cache_bytes // per_slot
+        members = {name: str(model), **adapters}
+        slots = kv_cache_bytes // per_slot // len(members)
         if slots < 1:
+            each = f" for each of its {len(members)} members" if adapters else ""
             raise ValueError(
-                f"role {name!r}: kv_cache_bytes {kv_cache_bytes} holds no KV slot ({per_slot} bytes per session "
+                f"role {name!r}: kv_cache_bytes {kv_cache_bytes} holds no KV slot{each} ({per_slot} bytes per session "
                 f"at max_seq_len {length}); raise kv_cache_bytes or lower max_seq_len"
             )
-        self.info = RoleInfo(name, str(model), vocab_size, int(context or length), int(slots), int(length))
+        self.infos = {m: RoleInfo(m, path, vocab_size, int(context or length), int(slots), int(length)) for m, path in members.items()}
+        self.info = self.infos[name]
         self.device = torch.device(device)
-        self.kv = SlotKVCache(self.info.kv_slots, self.info.slot_length)
-        self.sessions = SessionTable(self.info.kv_slots, session_idle_s, clock)
+        self.kv = SlotKVCache(slots * len(members), self.info.slot_length)
+        self.tables = {m: SessionTable(slots, session_idle_s, clock) for m in members}
+        self.sessions = self.tables[name]  # the model's own role's sessions
+        self._offsets = {m: i * slots for i, m in enumerate(members)}  # each member's share of the slots
+        self._adapters = {m: (m if m in adapters else BASE_ADAPTER) for m in members} if adapters else {}
         self.computed_tokens = 0  # tokens run through the model: what cache reuse saves
         self.forward_seconds = 0.0  # wall time inside the model's forward: the compute bound
         self.forward_passes = 0
@@ -121,12 +145,15 @@ class RoleWorker:
 
     def validate(self, items: Sequence[ScoreItem | DraftItem]) -> None:
         """Raise ``ValueError`` naming the bad item and field; nothing has run yet then."""
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         for i, item in enumerate(items):
             n = len(item.token_ids)
-            if item.session_id in seen:
+            role = item.role or self.info.name
+            if role not in self.infos:
+                raise ValueError(f"items[{i}].role: must be one of the roles this worker serves ({', '.join(self.infos)}), got {role!r}")
+            if (role, item.session_id) in seen:
                 raise ValueError(f"items[{i}].session_id: {item.session_id!r} appears twice in one call")
-            seen.add(item.session_id)
+            seen.add((role, item.session_id))
             if n < 1:
                 raise ValueError(f"items[{i}].token_ids: must hold at least one token")
             extra = 0
@@ -136,6 +163,13 @@ class RoleWorker:
                     raise ValueError(f"items[{i}].uniforms: need one per draft (k={item.k}), got {len(item.uniforms)}")
                 if not 0.0 <= item.params.confidence <= 1.0:
                     raise ValueError(f"items[{i}].params.confidence: must be in [0, 1], got {item.params.confidence}")
+                for other in item.also:
+                    if other not in self.infos or other == role or (other, item.session_id) in seen:
+                        raise ValueError(
+                            f"items[{i}].also: {other!r} must be another role this worker serves "
+                            f"({', '.join(self.infos)}), once per session, not the drafter {role!r}"
+                        )
+                    seen.add((other, item.session_id))
             elif not 0 <= item.rows <= n:
                 raise ValueError(f"items[{i}].rows: must be in [0, {n}] (a row needs the token before it), got {item.rows}")
             if n + extra > self.info.slot_length:
@@ -146,24 +180,31 @@ class RoleWorker:
 
     # -- the forward pass ----------------------------------------------------------------------
 
-    def _acquire(self, items: Sequence[ScoreItem | DraftItem], keeps: Sequence[int]) -> list[Session]:
-        """Each item's session, rolled back to what may stay cached (``keeps``)."""
-        self.sessions.expire()
-        protected = {item.session_id for item in items}
+    def _acquire(self, items: Sequence[tuple[str, str, Sequence[int]]], keeps: Sequence[int]) -> list[Session]:
+        """Each ``(role, session id, token ids)``'s session, rolled back to what may stay
+        cached (``keeps``)."""
+        for table in self.tables.values():
+            table.expire()
+        protected: dict[str, set[str]] = {}
+        for role, session_id, _ in items:
+            protected.setdefault(role, set()).add(session_id)
         sessions = []
-        for item, keep in zip(items, keeps):
-            session, copy = self.sessions.acquire(item.session_id, item.token_ids, keep, protected)
+        for (role, session_id, token_ids), keep in zip(items, keeps):
+            session, copy = self.tables[role].acquire(session_id, token_ids, keep, protected[role])
             if copy is not None:
-                self.kv.copy_prefix(copy[0], session.slot, copy[1])
+                self.kv.copy_prefix(self._offsets[role] + copy[0], self._offsets[role] + session.slot, copy[1])
             sessions.append(session)
         return sessions
+
+    def _row(self, role: str, session: Session, new: Sequence[int], rows: int) -> _Row:
+        return _Row(session, new, rows, self._offsets[role] + session.slot, self._adapters.get(role, ""))
 
     def _forward(self, work: Sequence[_Row]) -> list[torch.Tensor]:
         """Run every row's new tokens in as few passes as :func:`width_groups` allows; per row,
         the log-probs ``[rows, V]`` of its last ``rows`` new positions."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(work)
         for group in width_groups([len(w.new) for w in work]):
-            group.sort(key=lambda i: work[i].session.slot)  # consecutive slots: one attention call
+            group.sort(key=lambda i: work[i].slot)  # consecutive slots: one attention call
             rows = [work[i] for i in group]
             for i, result in zip(group, self._pass(rows)):
                 out[i] = result
@@ -175,10 +216,13 @@ class RoleWorker:
         ids = torch.tensor([list(r.new) + [0] * (width - len(r.new)) for r in rows], dtype=torch.long)
         if int(ids.max()) >= self.info.vocab_size or int(ids.min()) < 0:
             raise ValueError(f"token ids must be in [0, {self.info.vocab_size}) for role {self.info.name!r}")
-        slots = [r.session.slot for r in rows]
+        slots = [r.slot for r in rows]
         batch = SlotBatch.build(slots, [len(r.session.tokens) for r in rows], widths, self.kv.slot_length, self.device)
         keep = max(1, max(width - w + r.rows for w, r in zip(widths, rows)))
         self.kv.begin(batch, slots)
+        # a group's pass names each row's adapter (PEFT's mixed batch: the base once, each
+        # adapter's low-rank update on its own rows)
+        adapters = {"adapter_names": [r.adapter for r in rows]} if self._adapters else {}
         started = time.perf_counter()
         logits = self.model(
             input_ids=ids.to(self.device),
@@ -187,6 +231,7 @@ class RoleWorker:
             use_cache=True,
             logits_to_keep=keep,
             slot_batch=batch,
+            **adapters,
         ).logits
         self.forward_seconds += time.perf_counter() - started
         self.forward_passes += 1
@@ -207,13 +252,14 @@ class RoleWorker:
     def score(self, items: Sequence[ScoreItem]) -> list[torch.Tensor]:
         """Per item, the log-probs of its last ``rows`` positions ``[rows, V]``."""
         self.validate(items)
-        sessions = self._acquire(items, [len(it.token_ids) - it.rows for it in items])
+        roles = [it.role or self.info.name for it in items]
+        sessions = self._acquire([(r, it.session_id, it.token_ids) for r, it in zip(roles, items)], [len(it.token_ids) - it.rows for it in items])
         work, where = [], []
         results = [torch.empty(0, self.info.vocab_size)] * len(items)
-        for i, (item, session) in enumerate(zip(items, sessions)):
+        for i, (role, item, session) in enumerate(zip(roles, items, sessions)):
             new = item.token_ids[len(session.tokens) :]
             if new:  # everything cached and no rows asked for: nothing to run
-                work.append(_Row(session, new, item.rows))
+                work.append(self._row(role, session, new, item.rows))
                 where.append(i)
         for i, rows in zip(where, self._forward(work)):
             results[i] = rows
@@ -226,11 +272,20 @@ class RoleWorker:
         every session still drafting advancing one token in it. A session stops after its
         k-th token, after a stop token (whose row is still computed: the engine's target after
         the stop needs the drafter's row there), or before a token whose most likely value has
-        a probability below its ``confidence``."""
+        a probability below its ``confidence``.
+
+        Each role in an item's ``also`` (another member of this group) is fed the same tokens
+        in the same passes, and its rows at the same positions come back in ``others``: the
+        engine then needs no score call for it."""
         self.validate(items)
-        sessions = self._acquire(items, [len(it.token_ids) - 1 for it in items])
-        first = self._forward([_Row(s, it.token_ids[len(s.tokens) :], 1) for it, s in zip(items, sessions)])
-        rows: list[list[torch.Tensor]] = [[r] for r in first]
+        lanes: list[tuple[int, str]] = []  # (item, member): the item's drafter first, then its ``also``
+        drafter: list[int] = []  # per item, its drafter's lane
+        for j, it in enumerate(items):
+            drafter.append(len(lanes))
+            lanes += [(j, role) for role in (it.role or self.info.name, *it.also)]
+        sessions = self._acquire([(role, items[j].session_id, items[j].token_ids) for j, role in lanes], [len(items[j].token_ids) - 1 for j, _ in lanes])
+        first = self._forward([self._row(role, s, items[j].token_ids[len(s.tokens) :], 1) for (j, role), s in zip(lanes, sessions)])
+        rows: list[list[torch.Tensor]] = [[r] for r in first]  # per lane
         tokens: list[list[int]] = [[] for _ in items]
         temperature = torch.tensor([it.params.temperature for it in items])
         top_k = torch.tensor([it.params.top_k for it in items])
@@ -243,7 +298,7 @@ class RoleWorker:
                 if step < it.k and not (tokens[j] and tokens[j][-1] in it.params.stop_ids)
             ]
             if live:
-                last = torch.cat([rows[j][-1] for j in live])
+                last = torch.cat([rows[drafter[j]][-1] for j in live])
                 sure = last.max(dim=-1).values >= floors[live]
                 live = [j for j, ok in zip(live, sure.tolist()) if ok]
             if not live:
@@ -253,15 +308,33 @@ class RoleWorker:
             uniforms = torch.tensor([items[j].uniforms[step] for j in live], dtype=torch.float64)
             for j, token in zip(live, sample_from(probs, uniforms).tolist()):
                 tokens[j].append(token)
-            for j, row in zip(live, self._forward([_Row(sessions[j], tokens[j][-1:], 1) for j in live])):
-                rows[j].append(row)
-        return [Draft(t, torch.cat(r)) for t, r in zip(tokens, rows)]
+            going = set(live)
+            step_lanes = [lane for lane, (j, _) in enumerate(lanes) if j in going]
+            work = [self._row(lanes[lane][1], sessions[lane], tokens[lanes[lane][0]][-1:], 1) for lane in step_lanes]
+            for lane, row in zip(step_lanes, self._forward(work)):
+                rows[lane].append(row)
+        others: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        for lane, (j, role) in enumerate(lanes):
+            if lane != drafter[j]:
+                others[j][role] = torch.cat(rows[lane])
+        return [Draft(t, torch.cat(rows[drafter[j]]), others[j]) for j, t in enumerate(tokens)]
 
     def release(self, session_ids: Sequence[str]) -> None:
-        for session_id in session_ids:
-            self.sessions.release(session_id)
+        """Drop these sessions on every member of the group."""
+        for table in self.tables.values():
+            for session_id in session_ids:
+                table.release(session_id)
 
     def expire_idle_sessions(self) -> list[str]:
         """Free the sessions idle for longer than ``session_idle_s`` (the table checks only
         when a call touches it; a served replica calls this periodically)."""
-        return self.sessions.expire()
+        return [sid for table in self.tables.values() for sid in table.expire()]
+
+    def session_ids(self) -> list[str]:
+        """The cached sessions of every member, least recently used first per member (a
+        session two members cache appears twice)."""
+        return [sid for table in self.tables.values() for sid in table.ids()]
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(table.cached_tokens for table in self.tables.values())
