@@ -33,6 +33,7 @@ class RoleAppArgs(BaseModel):
     vocab_size: int | None = Field(default=None, ge=1)
     session_idle_s: float | None = Field(default=None, gt=0)
     tp_size: int = Field(default=1, ge=1)  # > 1: the deployment options must reserve the placement group
+    adapters: dict[str, str] | None = None  # adapter role -> LoRA directory, co-served with ``role``
 
 
 def _bind(args: RoleAppArgs, options: dict[str, Any] | None = None) -> Application:
@@ -46,6 +47,7 @@ def _bind(args: RoleAppArgs, options: dict[str, Any] | None = None) -> Applicati
         vocab_size=args.vocab_size,
         session_idle_s=args.session_idle_s,
         tp_size=args.tp_size,
+        adapters=args.adapters,
     )
 
 

@@ -15,7 +15,13 @@ roles:
     ray_actor_options: {num_cpus: 8, num_gpus: 1}
   base_small: {model: meta-llama/Llama-2-7b-hf, num_replicas: 2}
   ft_small: {model: meta-llama/Llama-2-7b-chat-hf, kv_cache_bytes: 8589934592}
+  ft_small_safe: {adapter: ./adapters/safe, base: base_small}   # a LoRA adapter, co-served
 ```
+
+A role given as ``adapter`` (a PEFT LoRA directory) with ``base`` (a role with a model of
+its own) has no deployment of its own: the base's deployment loads it beside the base and
+answers for both, each forward pass mixing their rows. Its deployment settings are the
+base's, so an adapter role sets none.
 
 Every model is strict (unknown fields are refused) and every error names its field: pydantic
 reports the location (``roles.base_large.dtype``), and cross-field checks name the fields in
@@ -33,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from eft_router.core.spec import FT_SMALL, EFTSpec, SamplingParams, SpecError, SpeculativeParams
+from eft_router.roles.adapters import Adapter
 from eft_router.roles.serve import APP_PREFIX, DEPLOYMENT_NAME, SERVE_FLAG
 from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES
 from eft_router.server.config import RouterConfig
@@ -99,7 +106,9 @@ class RoleConfig(_Strict):
     default: 10 s); a failed check (a dead tensor-parallel rank, say) replaces the replica.
     """
 
-    model: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1)
+    adapter: str | None = Field(default=None, min_length=1)  # a PEFT LoRA directory on ``base``'s model
+    base: str | None = None  # the role whose deployment co-serves this adapter
     dtype: Dtype = "float32"
     num_replicas: int | None = Field(default=None, ge=1)
     autoscaling_config: dict[str, Any] | None = None
@@ -131,6 +140,20 @@ class RoleConfig(_Strict):
                 )
                 raise ValueError(f"not a valid Serve autoscaling config: {problems}") from None
         return value
+
+    @model_validator(mode="after")
+    def _model_or_adapter(self) -> "RoleConfig":
+        if (self.model is None) == (self.adapter is None):
+            raise ValueError("model and adapter: give one of them (an adapter also names its base)")
+        if (self.adapter is None) != (self.base is None):
+            raise ValueError("adapter and base: an adapter role gives both, a model role neither")
+        if self.adapter is not None:
+            own = sorted(f for f in self.model_fields_set if f not in ("adapter", "base"))
+            if own:
+                raise ValueError(
+                    f"{', '.join(own)}: an adapter role is served by its base's deployment ({self.base}); set them there"
+                )
+        return self
 
     @model_validator(mode="after")
     def _replicas_exclusive(self) -> "RoleConfig":
@@ -232,6 +255,20 @@ class EnsembleConfig(_Strict):
                 )
         return roles
 
+    @field_validator("roles")
+    @classmethod
+    def _adapters_have_bases(cls, roles: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        for name, rc in roles.items():
+            if rc.base is None:
+                continue
+            base = roles.get(rc.base)
+            if base is None or base.model is None:
+                full = [r for r, c in roles.items() if c.model is not None]
+                raise ValueError(f"role {name!r}: base must be a role with a model of its own ({', '.join(full)}), got {rc.base!r}")
+            if base.tp_size > 1:
+                raise ValueError(f"role {name!r}: base role {rc.base!r} has tp_size {base.tp_size}; adapters are co-served only with an unsharded base")
+        return roles
+
     @field_validator("drafter")
     @classmethod
     def _drafter_served(cls, drafter: str, info: ValidationInfo) -> str:
@@ -276,7 +313,24 @@ class EnsembleConfig(_Strict):
         return RequestDefaults.from_dicts(d.eft, d.sampling, d.speculative)
 
     def tokenizer_path(self) -> str:
-        return self.tokenizer or self.roles[self.drafter].model
+        return self.tokenizer or self.model_of(self.drafter)
+
+    def model_of(self, role: str) -> str:
+        """The model a role runs: its own, or its base's (an adapter role)."""
+        rc = self.roles[role]
+        return rc.model if rc.model is not None else self.roles[rc.base].model
+
+    def models(self) -> dict[str, str]:
+        """The roles with a model of their own (each a deployment), role -> model."""
+        return {role: rc.model for role, rc in self.roles.items() if rc.model is not None}
+
+    def adapters(self) -> dict[str, Adapter]:
+        """The adapter roles, each co-served with its base."""
+        return {role: Adapter(rc.adapter, rc.base) for role, rc in self.roles.items() if rc.adapter is not None}
+
+    def served_by(self) -> dict[str, str]:
+        """Adapter role -> the role whose deployment serves it."""
+        return {role: a.base for role, a in self.adapters().items()}
 
     def worker_args(self, role: str) -> dict[str, Any]:
         """The role worker's settings that the config sets (dtype, KV cache, idle timeout)."""
@@ -291,6 +345,9 @@ class EnsembleConfig(_Strict):
         """The arguments of role ``role``'s Serve application builder."""
         rc = self.roles[role]
         args: dict[str, Any] = {"role": role, "model": rc.model, **self.worker_args(role)}
+        adapters = {r: a.path for r, a in self.adapters().items() if a.base == role}
+        if adapters:
+            args["adapters"] = adapters
         if rc.tp_size > 1:
             args["tp_size"] = rc.tp_size
         if self.vocab_size is not None:
@@ -298,9 +355,12 @@ class EnsembleConfig(_Strict):
         return args
 
     def to_serve_config(self) -> dict[str, Any]:
-        """A Serve deploy config (``ServeDeploySchema``): one application per role."""
+        """A Serve deploy config (``ServeDeploySchema``): one application per role with a
+        model (its adapter roles are served by it)."""
         apps = []
         for role, rc in self.roles.items():
+            if rc.model is None:
+                continue
             apps.append(
                 {
                     "name": f"{self.app_prefix}{role}",

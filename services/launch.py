@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, Iterator, Literal, Mapping, Sequence
 from transformers import AutoTokenizer
 
 from eft_router.demo import DemoQuestion, DemoReport, run_demo
+from eft_router.roles.adapters import check_adapter
 from eft_router.roles.local import load_local_roles
 from eft_router.roles.models import check_model
 from eft_router.roles.serve import aconnect_serve_roles
@@ -76,8 +77,10 @@ def disconnect_ray() -> None:
 def check_models(config: EnsembleConfig) -> None:
     """Every role's model path, checked here (fast, one line naming what is wrong) before
     replicas on this machine would fail on it one by one."""
-    for role, rc in config.roles.items():
-        check_model(role, rc.model, need_tokenizer=config.vocab_size is None)
+    for role, model in config.models().items():
+        check_model(role, model, need_tokenizer=config.vocab_size is None)
+    for role, adapter in config.adapters().items():
+        check_adapter(role, adapter.path, adapter.base, config.model_of(adapter.base))
 
 
 def deploy(config: EnsembleConfig) -> None:
@@ -97,10 +100,12 @@ def router_factory(config: EnsembleConfig, backend: Backend) -> Callable[[], Awa
 
     async def make() -> Router:
         if backend == "local":
-            models = {role: rc.model for role, rc in config.roles.items()}
-            roles, tokenizer = load_local_roles(models, {role: config.worker_args(role) for role in config.roles})
+            models = config.models()
+            roles, tokenizer = load_local_roles(models, {role: config.worker_args(role) for role in models}, config.adapters())
         else:
-            roles = await aconnect_serve_roles(list(config.roles), call_timeout_s=router_config.role_timeout_s, app_prefix=config.app_prefix)
+            roles = await aconnect_serve_roles(
+                list(config.roles), call_timeout_s=router_config.role_timeout_s, app_prefix=config.app_prefix, served_by=config.served_by()
+            )
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path())
         return Router(roles, tokenizer, router_config, config.request_defaults(), backend, config.drafter, owns_roles=True)
 

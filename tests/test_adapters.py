@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 
 import pytest
@@ -221,3 +222,116 @@ def test_bad_adapter_roles_get_their_error(family_paths, adapter_paths):
         load_local_roles({"base_small": family_paths["base_small"]}, adapters={"ft_small": Adapter(path, "base_large")})
     with pytest.raises(ValueError, match="role 'ft_small': give a model or an adapter, not both"):
         load_local_roles({"base_small": family_paths["base_small"], "ft_small": family_paths["ft_small"]}, adapters={"ft_small": Adapter(path, "base_small")})
+
+
+# -- the config, and the Serve backend -------------------------------------------------------------
+
+
+def _config(family_paths, adapter_paths, **extra):
+    from services.config import EnsembleConfig
+
+    roles = {
+        "base_small": {"model": family_paths["base_small"], "kv_cache_bytes": KV_CACHE_BYTES, "ray_actor_options": {"num_cpus": 0.5}},
+        **{r: {"adapter": p, "base": "base_small"} for r, p in adapter_paths["adapters"].items()},
+    }
+    for role, fields in extra.items():
+        roles[role] = fields
+    return EnsembleConfig.model_validate({"roles": roles, "app_prefix": "lora-"})
+
+
+def test_config_serves_a_group_from_its_base_deployment(family_paths, adapter_paths):
+    config = _config(family_paths, adapter_paths)
+    (app,) = config.to_serve_config()["applications"]
+    assert app["name"] == "lora-base_small" and app["args"]["adapters"] == adapter_paths["adapters"]
+    assert config.served_by() == {"ft_small": "base_small", "ft_safe": "base_small"}
+    assert config.tokenizer_path() == family_paths["base_small"]  # the drafter ft_small is an adapter: its base's
+
+
+@pytest.mark.parametrize(
+    "fields, error",
+    [
+        ({"adapter": "x"}, "(?s)roles.ft_small.*adapter and base: an adapter role gives both"),
+        ({"model": "m", "adapter": "x", "base": "base_small"}, "(?s)roles.ft_small.*model and adapter: give one of them"),
+        ({"adapter": "x", "base": "ft_safe"}, "role 'ft_small': base must be a role with a model of its own \\(base_small\\), got 'ft_safe'"),
+        ({"adapter": "x", "base": "base_small", "num_replicas": 2, "dtype": "bfloat16"}, "dtype, num_replicas: an adapter role is served by its base's deployment \\(base_small\\); set them there"),
+    ],
+)
+def test_bad_adapter_configs_name_the_field(family_paths, adapter_paths, fields, error):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=error):
+        _config(family_paths, adapter_paths, ft_small=fields)
+
+
+def test_an_adapter_on_a_sharded_base_is_refused(family_paths, adapter_paths):
+    from pydantic import ValidationError
+
+    base = {"model": family_paths["base_small"], "tp_size": 2}
+    with pytest.raises(ValidationError, match="role 'ft_s.*': base role 'base_small' has tp_size 2; adapters are co-served only with an unsharded base"):
+        _config(family_paths, adapter_paths, base_small=base)
+
+
+@pytest.fixture(scope="module")
+def served_group(ray_cluster, served_ensemble, family_paths, adapter_paths):
+    """The small group deployed as one Serve application, and the shared ensemble's
+    base_large: an adapter ensemble through Serve."""
+    from ray import serve
+
+    from eft_router.roles.serve import connect_serve_roles
+    from services.app import deploy_ensemble
+
+    config = _config(family_paths, adapter_paths)
+    deploy_ensemble(config)
+    try:
+        roles = connect_serve_roles(list(config.roles), app_prefix="lora-", served_by=config.served_by())
+        yield {**connect_serve_roles(["base_large"]), **roles}
+    finally:
+        serve.delete("lora-base_small")
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_served_adapter_roles_equal_the_merged_ensemble(served_group, engines, k):
+    """Through Serve, the co-served group gives the merged ensemble's outputs (greedy and
+    seeded), with two backend calls per step."""
+    _, merged = engines
+    served = Engine(served_group, merged.tokenizer)
+    assert isinstance(served_group["ft_safe"], Member)
+    for eft, sampling in CASES[:3]:
+        request = GenerationRequest([4, 5, 6], eft=eft, sampling=sampling, speculative=SpeculativeParams(k=k))
+        assert asyncio.run(served.generate(request)).token_ids == asyncio.run(merged.generate(request)).token_ids
+    assert _calls_per_block(served, k)[0] == 2
+
+
+def test_a_bad_adapter_fails_its_deployment_with_the_error(ray_cluster, family_paths, bad_adapters):
+    """What can be told without loading fails before deploying (``check_models``, as
+    ``eft serve`` runs it); an adapter that loads but does not fit fails its replica, and
+    Serve's status carries the adapter's error."""
+    from ray import serve
+
+    from eft_router.roles.serve import DEPLOYMENT_NAME
+    from services.app import deploy_ensemble
+    from services.config import EnsembleConfig
+    from services.launch import check_models
+
+    for bad in ("empty", "not_lora", "other_base"):
+        config = _config(family_paths, {"adapters": {"ft_small": bad_adapters[bad]}})
+        with pytest.raises(AdapterError, match=f"role 'ft_small': adapter .*{bad}': {BAD[bad]}"):
+            check_models(config)
+
+    config = EnsembleConfig.model_validate(
+        {
+            "roles": {
+                "base_small": {"model": family_paths["base_small"], "kv_cache_bytes": KV_CACHE_BYTES, "ray_actor_options": {"num_cpus": 0.5}},
+                "ft_small": {"adapter": bad_adapters["no_targets"], "base": "base_small"},
+            },
+            "app_prefix": "badlora-",
+        }
+    )
+    check_models(config)
+    try:
+        with pytest.raises(Exception, match="Deploying application badlora-base_small failed"):
+            deploy_ensemble(config)
+        status = serve.status().applications["badlora-base_small"].deployments[DEPLOYMENT_NAME]
+        assert re.search("role 'ft_small': adapter .*no_targets.*does not fit the model of base role 'base_small'", status.message), status.message
+    finally:
+        serve.delete("badlora-base_small")

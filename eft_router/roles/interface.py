@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -156,6 +156,22 @@ def members(backend: Role) -> dict[str, Role]:
     if len(backend.infos) == 1:
         return {backend.info.name: backend}
     return {name: Member(backend, name) for name in backend.infos}
+
+
+def backends(roles: Mapping[str, Role]) -> list[Role]:
+    """The distinct backends behind ``roles`` (a group's members share one)."""
+    return list({id(b): b for b in (getattr(r, "group", r) for r in roles.values())}.values())
+
+
+def wrap_backends(roles: Mapping[str, Role], wrap: Callable[[Role], Role]) -> dict[str, Role]:
+    """``roles`` with each backend wrapped once (``wrap`` keeps its ``infos``), and the
+    members of a group rebuilt over their wrapped group."""
+    wrapped = {id(b): wrap(b) for b in backends(roles)}
+    out: dict[str, Role] = {}
+    for name, role in roles.items():
+        group = getattr(role, "group", None)
+        out[name] = Member(wrapped[id(group)], name) if group is not None else wrapped[id(role)]
+    return out
 
 
 class RoleError(RuntimeError):

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from ..api import eft_pb2, eft_pb2_grpc
 from ..core.spec import FT_SMALL, SpecError
 from ..engine import Engine, StepStats
-from ..roles.interface import Role
+from ..roles.interface import Role, backends, wrap_backends
 from .auth import BearerAuthInterceptor
 from .config import RouterConfig
 from .front import Admission
@@ -93,7 +93,7 @@ class Router:
         self.owns_roles = owns_roles  # close them when the router stops (the router built them)
         self.config = config
         self.metrics = Metrics()
-        timed = {name: TimedRole(role, self.metrics) for name, role in roles.items()}
+        timed = wrap_backends(roles, lambda backend: TimedRole(backend, self.metrics))
         self.engine = Engine(timed, tokenizer, drafter, config.scheduler(), on_step=self._observe)
         self.admission = Admission(config.max_concurrent_requests, self.metrics)
         self.servicer = EFTServicer(self.engine, defaults, self.metrics, backend, self.admission, config.max_message_bytes)
@@ -183,7 +183,7 @@ class Router:
         """Every role (on Serve: every replica) answers a no-op call within ``timeout_s``,
         or health is NOT_SERVING: a client would get UNAVAILABLE from a role that cannot."""
         try:
-            await asyncio.gather(*(role.probe(timeout_s) for role in self.engine.roles.values()))
+            await asyncio.gather(*(b.probe(timeout_s) for b in backends(self.engine.roles)))
         except Exception as err:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             if raise_errors:
@@ -215,7 +215,7 @@ class Router:
         await asyncio.gather(*stopping, return_exceptions=True)
         await self.engine.close()
         if self.owns_roles:
-            await asyncio.gather(*(role.close() for role in self.roles.values() if hasattr(role, "close")))
+            await asyncio.gather(*(b.close() for b in backends(self.roles) if hasattr(b, "close")))
             self.owns_roles = False
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

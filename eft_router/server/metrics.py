@@ -56,7 +56,9 @@ class TimedRole:
     def __init__(self, role: Role, metrics: Metrics) -> None:
         self.role = role
         self.info = role.info
-        self._timers = {call: metrics.role_latency.labels(role.info.name, call) for call in ("score", "draft", "release")}
+        self.infos = role.infos
+        name = "+".join(role.infos)  # a co-served group's calls carry all its roles' items
+        self._timers = {call: metrics.role_latency.labels(name, call) for call in ("score", "draft", "release")}
 
     async def _timed(self, call: str, result: Awaitable[T]) -> T:
         started = time.perf_counter()
