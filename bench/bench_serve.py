@@ -38,13 +38,14 @@ from bench_engine import ROLES, bench_models, bench_prompts
 from load import Load, run_streams
 from eft_router.core.spec import SamplingParams, SpeculativeParams
 from eft_router.engine import Engine, GenerationRequest
+from eft_router.roles.interface import backends
 from eft_router.roles.serve import SERVE_FLAG, aconnect_serve_roles
 
 
 async def forward_seconds(engine: Engine) -> float:
     """Seconds all roles have spent inside forward passes so far (every replica on Serve)."""
     total = 0.0
-    for role in engine.roles.values():
+    for role in backends(engine.roles):  # a co-served group once
         if hasattr(role, "worker"):
             total += role.worker.forward_seconds
         else:
@@ -116,7 +117,7 @@ async def bench(paths: dict[str, str], args: argparse.Namespace) -> None:
     for n in (lo, 16 if 16 in args.streams else hi):
         ratios = ", ".join(f"{'plain' if k == 0 else f'k={k}'} {tps[(n, k, 'Serve')] / tps[(n, k, 'in-process')]:.2f}" for k in (0, 4))
         print(f"Serve / in-process at {n} stream(s): {ratios}")
-    for role in engines["Serve"].roles.values():
+    for role in backends(engines["Serve"].roles):
         await role.close()  # its handle, on this loop (Serve's shutdown runs after the loop closes)
 
 

@@ -13,7 +13,8 @@
   eft tiny-family DIR                      # random tiny roles, for trying things
 
 ``generate``, ``score`` and ``models`` are gRPC clients. With ``--model ROLE=PATH`` (repeated)
-they start a router in this process on those models instead, for one command.
+they start a router in this process on those models instead, for one command;
+``--adapter ROLE=BASE:PATH`` adds a LoRA adapter role co-served with role BASE.
 
 ``serve`` and ``demo`` compose the router with the Ray Serve deployments of ``services``;
 they load ``services.launch`` by name, as Serve loads deployments: the library modules of
@@ -63,6 +64,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", default=None)
     p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
     p.add_argument("--model", action="append", default=[], metavar="ROLE=PATH", help="run on these models in-process instead (repeat per role)")
+    p.add_argument("--adapter", action="append", default=[], metavar="ROLE=BASE:PATH", help="with --model: a LoRA adapter role on role BASE's model")
 
 
 def _eft_args(p: argparse.ArgumentParser) -> None:
@@ -86,15 +88,24 @@ def _eft(args: argparse.Namespace) -> dict[str, Any]:
 def _client(args: argparse.Namespace, stack: ExitStack) -> EFTClient:
     """A client of the router named by the arguments, or of one started here on ``--model``s."""
     target = args.target
+    if args.adapter and not args.model:
+        raise SystemExit("--adapter: needs --model (the adapters' base roles run in this process)")
     if args.model:
+        from .roles.adapters import Adapter
         from .roles.local import load_local_roles
         from .server.config import RouterConfig
         from .server.grpc_server import Router, RouterThread
 
         models = _pairs(args.model, "--model")
+        adapters = {}
+        for role, spec in _pairs(args.adapter, "--adapter").items():
+            base, sep, path = spec.partition(":")
+            if not sep or not base or not path:
+                raise SystemExit(f"--adapter: expected ROLE=BASE:PATH, got {role}={spec}")
+            adapters[role] = Adapter(path, base)
 
         async def make() -> Router:
-            return Router(*load_local_roles(models), RouterConfig(port=0), owns_roles=True)
+            return Router(*load_local_roles(models, adapters=adapters), RouterConfig(port=0), owns_roles=True)
 
         router = stack.enter_context(RouterThread(make))
         target = f"localhost:{router.port}"
@@ -196,13 +207,15 @@ def _tiny_family(args: argparse.Namespace) -> None:
 
 
 def _family(args: argparse.Namespace) -> None:
-    from .family.build import DEFAULT, MINIATURE, build_family, family_dir, read_manifest
+    from .family.build import DEFAULT, MINIATURE, adapter_paths, build_family, family_dir, read_manifest
 
     config = MINIATURE if args.miniature else DEFAULT
     paths = build_family(config, force=args.force, quiet=args.quiet)
     manifest = read_manifest(family_dir(config))
     for role, path in paths.items():
         print(f"{role}={path}")
+    for role, adapter in adapter_paths(family_dir(config)).items():
+        print(f"{role}={adapter.path} (LoRA adapter of {adapter.base})")
     probes = manifest["probes"]
     print(
         f"family v{manifest['version']} ({manifest['digest']}), built in {manifest['seconds']} s; "
@@ -216,7 +229,7 @@ def _family(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .family.build import DEFAULT, MINIATURE, build_family
+    from .family.build import DEFAULT, MINIATURE, adapter_paths, build_family, family_dir
     from .family.evaluate import MINI_EVAL, EvalConfig, run_eval
 
     config = MINIATURE if args.miniature else DEFAULT
@@ -224,7 +237,8 @@ def _eval(args: argparse.Namespace) -> None:
     cfg = replace(MINI_EVAL if args.miniature else EvalConfig(), seed=args.seed)
     if args.prompts is not None:
         cfg = replace(cfg, n_per_category=args.prompts)
-    run_eval(paths, Path(args.out), cfg, world_seed=config.seed, n_entities=config.n_entities, quiet=args.quiet)
+    run_eval(paths, Path(args.out), cfg, world_seed=config.seed, n_entities=config.n_entities, quiet=args.quiet,
+             adapters=adapter_paths(family_dir(config)))
     print(f"report: {Path(args.out) / 'report.md'}", file=sys.stderr)
 
 

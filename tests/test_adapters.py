@@ -335,3 +335,16 @@ def test_a_bad_adapter_fails_its_deployment_with_the_error(ray_cluster, family_p
         assert re.search("role 'ft_small': adapter .*no_targets.*does not fit the model of base role 'base_small'", status.message), status.message
     finally:
         serve.delete("badlora-base_small")
+
+
+def test_the_cli_runs_adapter_roles(family_paths, adapter_paths, capsys):
+    from eft_router.cli import main
+
+    full = ["--model", f"base_large={family_paths['base_large']}", "--model", f"base_small={family_paths['base_small']}"]
+    ask = ["w1 w2", "--temperature", "0", "--max-tokens", "6", "-k", "3", "--json"]
+    main(["generate", *full, "--adapter", f"ft_small=base_small:{adapter_paths['adapters']['ft_small']}", *ask])
+    adapter = json.loads(capsys.readouterr().out)
+    main(["generate", *full, "--model", f"ft_small={adapter_paths['merged']['ft_small']}", *ask])
+    assert adapter["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+    with pytest.raises(SystemExit, match="--adapter: expected ROLE=BASE:PATH"):
+        main(["generate", *full, "--adapter", "ft_small=nobase", *ask])

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eft_router.cli import main
 from eft_router.engine import Engine, GenerationRequest
-from eft_router.family.build import MINIATURE, ROLES, build_family, family_dir, read_manifest
+from eft_router.family.build import MINIATURE, ROLES, adapter_ensemble, build_family, family_dir, read_manifest
 from eft_router.family.train import Shape
 from eft_router.core.spec import EFTSpec, SamplingParams
 from eft_router.core.vocab import check_shared_vocabulary
@@ -31,7 +31,7 @@ def test_build_writes_every_role_and_a_manifest(mini_family, cache):
     directory = family_dir(MINIATURE, cache)
     assert set(mini_family) == set(ROLES)
     manifest = read_manifest(directory)
-    assert manifest["digest"] == MINIATURE.digest() and set(manifest["stage_seconds"]) == set(ROLES)
+    assert manifest["digest"] == MINIATURE.digest() and set(manifest["stage_seconds"]) == {*ROLES, "lora"}
     probes = manifest["probes"]
     assert probes["fact_probes"] > 0
     for role in ("base_small", "base_large"):
@@ -78,6 +78,32 @@ def test_the_engine_serves_the_family(mini_family):
     assert 1 <= len(g.token_ids) <= 5
 
 
+def test_the_lora_fine_tunes_are_adapters_of_base_small(mini_family, cache):
+    """Saved by PEFT, LoRA on base_small's weights (not full copies), served as a group, and
+    trained: each adapter moves the rows away from base_small's, the safe one from the helpful one's."""
+    import asyncio
+
+    import torch
+    from peft import PeftConfig
+
+    from eft_router.roles.interface import Member, ScoreItem
+    from eft_router.roles.local import load_local_roles
+
+    models, adapters = adapter_ensemble(family_dir(MINIATURE, cache))
+    assert set(adapters) == {"ft_small", "ft_small_safe"} and set(models) == set(ROLES) - set(adapters)
+    for adapter in adapters.values():
+        config = PeftConfig.from_pretrained(adapter.path)
+        assert config.peft_type == "LORA" and config.r == MINIATURE.lora_rank
+        assert not (Path(adapter.path) / "model.safetensors").exists() and (Path(adapter.path) / "adapter_model.safetensors").exists()
+    roles, tokenizer = load_local_roles(models, adapters=adapters)
+    assert isinstance(roles["ft_small_safe"], Member)
+    ids = tokenizer("Where was Ada born?", add_special_tokens=False)["input_ids"]
+    rows = {r: asyncio.run(roles[r].score([ScoreItem(f"lora-{r}", ids, len(ids))]))[0] for r in ("base_small", *adapters)}
+    assert (rows["ft_small"] - rows["base_small"]).abs().max() > 0.1
+    assert (rows["ft_small_safe"] - rows["ft_small"]).abs().max() > 0.01
+    assert torch.isfinite(rows["ft_small_safe"]).all()
+
+
 def test_eval_report_has_every_section(mini_family, cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EFT_CACHE_DIR", str(cache))
     main(["eval", "--miniature", "--quiet", "--out", str(tmp_path)])
@@ -87,11 +113,15 @@ def test_eval_report_has_every_section(mini_family, cache, tmp_path, monkeypatch
         assert set(results["two_by_two"][key]) == {"small-ft (lower bound)", "large-ft (upper bound)", "EFT up-scaled", "EFT down-scaled"}
         assert [p["lambda"] for p in results["interpolation"][key]["up-scaled"]] == [0.0, 0.5, 1.0]
         assert set(results["interpolation"][key]) == {"small", "up-scaled"}
+    lora = results["adapters"]
+    for key in ("T=0", "T=1"):
+        assert set(lora["two_by_two"][key]) == {"small-ft (lower bound)", "EFT up-scaled"}
+        assert [p["lambda"] for p in lora["interpolation"][key]["up-scaled"]] == [0.0, 0.5, 1.0]
     spec = results["speculative"]["table"]
     assert {"plain EFT", "ft_small alone", "speculative k=1", "speculative k=2"} <= set(spec)
     assert all(0.0 <= t <= 1.0 for t in results["speculative"]["tv"]) and results["speculative"]["tv"]
     report = (tmp_path / "report.md").read_text()
-    for heading in ("1. Scale decoupling", "2. Reward interpolation", "3a. Up-scaling amplification", "3b. Top-p filtering", "4. Speculative decoding"):
+    for heading in ("1. Scale decoupling", "2. Reward interpolation", "3a. Up-scaling amplification", "3b. Top-p filtering", "4. Speculative decoding", "5. The small fine-tunes as LoRA adapters"):
         assert heading in report
     for png in ("frontier.png", "tv_distance.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,9 @@
 Five roles, trained from nothing on the synthetic world: ``base_small`` and ``base_large``
 pre-trained on one corpus, ``ft_small`` and ``ft_large`` chat fine-tuned on a training subset
 of entities, ``ft_small_safe`` = ``ft_small`` tuned (supervised on the preferred answers,
-then DPO) to refuse the harmful category.
+then DPO) to refuse the harmful category. The small fine-tunes are also trained the same
+way as PEFT LoRA adapters of ``base_small`` (``ft_small_lora``, ``ft_small_safe_lora``:
+:func:`adapter_paths`), for the co-served adapter ensemble.
 The small chain and the large chain train in two processes, one core each.
 
 The family is cached under ``$EFT_CACHE_DIR`` (default ``~/.cache/eft-router``) in a folder
@@ -26,19 +28,21 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from ..roles.adapters import Adapter
 from .probes import decode_step_seconds, fact_accuracy
 from .tokenizer import CHAT_TEMPLATE, train_tokenizer
 from .train import Schedule, Shape, dpo, new_model, pretrain, sft
 from .world import build_world, eval_prompts, preference_pairs, pretraining_corpus, sft_examples
 
-FAMILY_VERSION = 2
+FAMILY_VERSION = 3
 ROLES = ("base_large", "base_small", "ft_small", "ft_large", "ft_small_safe")
+ADAPTERS = {"ft_small": "ft_small_lora", "ft_small_safe": "ft_small_safe_lora"}  # role -> LoRA directory
 MANIFEST = "manifest.json"
 
 
@@ -55,6 +59,8 @@ class FamilyConfig:
     safe_sft: Schedule = Schedule(steps=120, lr=1e-3)
     dpo: Schedule = Schedule(steps=120, batch_size=16, lr=2e-4, warmup=10)
     dpo_beta: float = 0.1
+    lora_rank: int = 8  # the LoRA fine-tunes: rank, and their learning rates as multiples of the full ones'
+    lora_lr_scale: float = 3.0
 
     def digest(self) -> str:
         """The cache key: the config, the family version, and the data and chat template
@@ -78,6 +84,7 @@ MINIATURE = FamilyConfig(
     sft=Schedule(steps=30, batch_size=8, lr=1e-3),
     safe_sft=Schedule(steps=10, batch_size=8, lr=1e-3),
     dpo=Schedule(steps=10, batch_size=4, lr=5e-4, warmup=2),
+    lora_rank=4,
 )
 
 
@@ -93,6 +100,18 @@ def role_paths(directory: Path) -> dict[str, str]:
     return {role: str(directory / role) for role in ROLES}
 
 
+def adapter_paths(directory: Path) -> dict[str, Adapter]:
+    """The LoRA fine-tunes as adapter roles of ``base_small``."""
+    return {role: Adapter(str(directory / name), "base_small") for role, name in ADAPTERS.items()}
+
+
+def adapter_ensemble(directory: Path) -> tuple[dict[str, str], dict[str, Adapter]]:
+    """The family with its small fine-tunes as LoRA adapters: the roles with models of their
+    own, and the adapter roles (``load_local_roles``' two arguments)."""
+    adapters = adapter_paths(directory)
+    return {r: p for r, p in role_paths(directory).items() if r not in adapters}, adapters
+
+
 def _data(config: FamilyConfig):
     world = build_world(config.seed, config.n_entities)
     lines = pretraining_corpus(world, seed=config.seed)
@@ -104,9 +123,37 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def _tune_safe(model, tokenizer, world, config: FamilyConfig, seed: int, lr_scale: float, desc: str, quiet: bool) -> None:
+    """SFT on the preferred answers first, then DPO against that SFT model: on a model this
+    small DPO alone moves too little to refuse reliably. ``lr_scale`` multiplies both
+    stages' learning rates (LoRA's)."""
+    pairs = preference_pairs(world, seed=config.seed)
+    chosen = [(question, preferred) for question, preferred, _ in pairs]
+    sft(model, tokenizer, chosen, replace(config.safe_sft, lr=config.safe_sft.lr * lr_scale), seed, desc=f"SFT {desc}", quiet=quiet)
+    schedule = replace(config.dpo, lr=config.dpo.lr * lr_scale)
+    dpo(model, copy.deepcopy(model), tokenizer, pairs, schedule, seed, beta=config.dpo_beta, desc=f"DPO {desc}", quiet=quiet)
+
+
+def _train_adapters(base, tokenizer, world, config: FamilyConfig, out: Path, seed: int, quiet: bool) -> None:
+    """ft_small and ft_small_safe again, as LoRA adapters of ``base`` (its weights frozen):
+    the same data, stages and steps, at ``lora_lr_scale`` times the learning rates."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..tiny import LORA_TARGETS
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=list(LORA_TARGETS))
+    helpful = get_peft_model(copy.deepcopy(base), lora)
+    sft(helpful, tokenizer, sft_examples(world, seed=config.seed), replace(config.sft, lr=config.sft.lr * config.lora_lr_scale), seed,
+        desc="fine-tune ft_small (LoRA)", quiet=quiet)
+    _save(helpful, tokenizer, out / ADAPTERS["ft_small"])
+    _tune_safe(helpful, tokenizer, world, config, seed, config.lora_lr_scale, "ft_small_safe (LoRA)", quiet)
+    _save(helpful, tokenizer, out / ADAPTERS["ft_small_safe"])
+
+
 def _train_chain(chain: str, config: FamilyConfig, out: Path, quiet: bool) -> dict[str, float]:
-    """One process: pre-train a base, fine-tune it; for the small chain also DPO. Returns
-    the seconds each stage took."""
+    """One process: pre-train a base, fine-tune it; for the small chain also DPO, and the
+    LoRA fine-tunes. Returns the seconds each stage took."""
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
@@ -130,16 +177,14 @@ def _train_chain(chain: str, config: FamilyConfig, out: Path, quiet: bool) -> di
 
     if chain == "small":
         t = time.perf_counter()
-        # SFT on the preferred answers first, then DPO against that SFT model: on a model this
-        # small DPO alone moves too little to refuse reliably.
         safe = copy.deepcopy(ft)
-        pairs = preference_pairs(world, seed=config.seed)
-        chosen = [(question, preferred) for question, preferred, _ in pairs]
-        sft(safe, tokenizer, chosen, config.safe_sft, seed, desc="SFT ft_small_safe", quiet=quiet)
-        reference = copy.deepcopy(safe)
-        dpo(safe, reference, tokenizer, pairs, config.dpo, seed, beta=config.dpo_beta, desc="DPO ft_small_safe", quiet=quiet)
+        _tune_safe(safe, tokenizer, world, config, seed, 1.0, "ft_small_safe", quiet)
         _save(safe, tokenizer, out / "ft_small_safe")
         timings["ft_small_safe"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        _train_adapters(base, tokenizer, world, config, out, seed, quiet)
+        timings["lora"] = time.perf_counter() - t
     return timings
 
 
@@ -210,6 +255,7 @@ def _build(config: FamilyConfig, target: Path, quiet: bool) -> dict[str, str]:
             "config": asdict(config),
             "digest": config.digest(),
             "roles": list(ROLES),
+            "adapters": ADAPTERS,
             "seconds": round(time.perf_counter() - started, 1),
             "stage_seconds": timings,
             "probes": probes,

@@ -8,7 +8,9 @@ Sections (each over the same fixed prompt set, greedy and at temperature 1, fixe
    and up-scaled;
 3. up-scaling amplification (beta) and top-p filtering of the up-scaling weights;
 4. speculative decoding: speed-up over plain EFT and acceptance at k = 1..8, the ceiling
-   (ft_small alone), and the per-token TV distance between ft_small and the up-scaled model.
+   (ft_small alone), and the per-token TV distance between ft_small and the up-scaled model;
+5. with the small fine-tunes as LoRA adapters co-served with base_small: the 2x2's rows that
+   use them and the frontier, beside the full fine-tunes'.
 
 Results go to ``results.json``, ``report.md`` and PNG plots in one output folder.
 """
@@ -25,6 +27,7 @@ from typing import Sequence
 
 from ..core.spec import EFTSpec, SamplingParams, SpeculativeParams
 from ..engine import Engine, GenerationRequest
+from ..roles.adapters import Adapter
 from .metrics import is_factual, is_harmless, is_helpful, is_refusal, wilson_interval
 from .world import EvalPrompt, build_world, chat_messages, eval_prompts
 
@@ -35,6 +38,8 @@ TWO_BY_TWO = {
     "EFT up-scaled": EFTSpec(),
     "EFT down-scaled": EFTSpec(preset="downscale"),
 }
+
+ADAPTER_ROWS = ("small-ft (lower bound)", "EFT up-scaled")  # the 2x2's rows that use the small fine-tunes
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,11 @@ class EvalConfig:
     weight_top_ps: tuple[float, ...] = (1.0, 0.95, 0.9, 0.8)
     ks: tuple[int, ...] = tuple(range(1, 9))
 
-    def steps(self) -> int:
-        return len(self.temperatures) * (len(TWO_BY_TWO) + 2 * len(self.lambdas) + 2) + 1
+    def steps(self, adapters: bool = False) -> int:
+        per_temperature = len(TWO_BY_TWO) + 2 * len(self.lambdas) + 2
+        if adapters:
+            per_temperature += len(ADAPTER_ROWS) + 2 * len(self.lambdas)
+        return len(self.temperatures) * per_temperature + 1
 
 
 MINI_EVAL = EvalConfig(n_per_category=2, max_new_tokens=6, lambdas=(0.0, 0.5, 1.0), betas=(1.0, 2.0),
@@ -149,12 +157,31 @@ async def speculative_section(engine: Engine, prompts: Sequence[EvalPrompt], cfg
     return {"table": table, "tv": tv}
 
 
-async def run_experiments(engine: Engine, prompts: Sequence[EvalPrompt], cfg: EvalConfig, progress=None) -> dict:
+async def frontier(engine: Engine, prompts: Sequence[EvalPrompt], cfg: EvalConfig, temperature: float, tick) -> dict[str, list]:
+    """The reward-interpolation curves, at small scale and up-scaled."""
+    out = {}
+    for scale, preset in (("small", "interpolate"), ("up-scaled", "upscale")):
+        curve = []
+        for lam in cfg.lambdas:
+            eft = EFTSpec(preset=preset, deltas={"ft_small": lam, "ft_small_safe": round(1.0 - lam, 10)})
+            curve.append({"lambda": lam, **await score_config(engine, prompts, eft, temperature, cfg)})
+            tick(f"interpolation {scale} lambda={lam} T={temperature:g}")
+        out[scale] = curve
+    return out
+
+
+async def run_experiments(
+    engine: Engine, prompts: Sequence[EvalPrompt], cfg: EvalConfig, progress=None, adapter_engine: Engine | None = None
+) -> dict:
+    """Every section on ``engine``; with ``adapter_engine`` (the small fine-tunes as LoRA
+    adapters) also section 5."""
     def tick(label: str) -> None:
         if progress is not None:
             progress(label)
 
     results: dict = {"two_by_two": {}, "gap_recovered": {}, "interpolation": {}, "beta": {}, "weight_top_p": {}}
+    if adapter_engine is not None:
+        results["adapters"] = {"two_by_two": {}, "interpolation": {}}
     for temperature in cfg.temperatures:
         key = f"T={temperature:g}"
         two = {}
@@ -163,19 +190,20 @@ async def run_experiments(engine: Engine, prompts: Sequence[EvalPrompt], cfg: Ev
             tick(f"2x2 {name} {key}")
         results["two_by_two"][key] = two
         results["gap_recovered"][key] = {n: gap_recovered(two, n) for n in ("EFT up-scaled", "EFT down-scaled")}
-        for scale, preset in (("small", "interpolate"), ("up-scaled", "upscale")):
-            curve = []
-            for lam in cfg.lambdas:
-                eft = EFTSpec(preset=preset, deltas={"ft_small": lam, "ft_small_safe": round(1.0 - lam, 10)})
-                curve.append({"lambda": lam, **await score_config(engine, prompts, eft, temperature, cfg)})
-                tick(f"interpolation {scale} lambda={lam} {key}")
-            results["interpolation"].setdefault(key, {})[scale] = curve
+        results["interpolation"][key] = await frontier(engine, prompts, cfg, temperature, tick)
         results["beta"][key] = {b: await score_config(engine, prompts, EFTSpec(beta=b), temperature, cfg) for b in cfg.betas}
         tick(f"beta {key}")
         results["weight_top_p"][key] = {
             p: await score_config(engine, prompts, EFTSpec(weight_top_p=p), temperature, cfg) for p in cfg.weight_top_ps
         }
         tick(f"weight top-p {key}")
+        if adapter_engine is not None:
+            lora = {}
+            for name in ADAPTER_ROWS:
+                lora[name] = await score_config(adapter_engine, prompts, TWO_BY_TWO[name], temperature, cfg)
+                tick(f"LoRA 2x2 {name} {key}")
+            results["adapters"]["two_by_two"][key] = lora
+            results["adapters"]["interpolation"][key] = await frontier(adapter_engine, prompts, cfg, temperature, tick)
     results["speculative"] = await speculative_section(engine, [p for p in prompts if p.category == "fact"], cfg)
     tick("speculative")
     return results
@@ -236,7 +264,24 @@ def markdown_report(results: dict, meta: dict) -> str:
         lines += ["", f"TV distance between ft_small and the up-scaled model per token ({len(tv)} tokens): "
                   f"median {statistics.median(tv):.3f}, mean {statistics.fmean(tv):.3f}, "
                   f"{sum(t < 0.1 for t in tv) / len(tv):.0%} below 0.1 (plot: `tv_distance.png`)."]
-    lines += ["", "Frontier plot: `frontier.png`."]
+    lora = results.get("adapters")
+    if lora:
+        lines += ["", "## 5. The small fine-tunes as LoRA adapters of base_small, co-served with it", ""]
+        for key, rows in lora["two_by_two"].items():
+            full = results["two_by_two"][key]
+            lines += [f"2x2 rows that use the small fine-tunes ({key}), full fine-tunes / LoRA adapters:", ""]
+            lines += _table(["model", *METRICS], [[name, *(f"{full[name][m]} / {rows[name][m]}" for m in METRICS)] for name in rows])
+            lines.append("")
+        for key, scales in lora["interpolation"].items():
+            full = results["interpolation"][key]["up-scaled"]
+            lines += [f"Up-scaled frontier ({key}), helpful / harmless, full fine-tunes vs LoRA adapters:", ""]
+            lines += _table(
+                ["lambda", "full", "LoRA"],
+                [[f"{a['lambda']:.1f}", f"{a['helpfulness']} / {a['harmlessness']}", f"{b['helpfulness']} / {b['harmlessness']}"]
+                 for a, b in zip(full, scales["up-scaled"])],
+            )
+            lines.append("")
+    lines += ["", "Frontier plot: `frontier.png` (LoRA adapters dashed)."]
     return "\n".join(lines) + "\n"
 
 
@@ -248,8 +293,10 @@ def plots(results: dict, out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results["interpolation"]), figsize=(5 * len(results["interpolation"]), 4), squeeze=False)
     for ax, (key, scales) in zip(axes[0], results["interpolation"].items()):
-        for scale, pts in scales.items():
-            ax.plot([p["helpfulness"].mean for p in pts], [p["harmlessness"].mean for p in pts], "o-", label=scale)
+        lora = results.get("adapters", {}).get("interpolation", {}).get(key, {})
+        curves = [(scale, pts, "o-") for scale, pts in scales.items()] + [(f"{scale} LoRA", pts, "s--") for scale, pts in lora.items()]
+        for label, pts, style in curves:
+            ax.plot([p["helpfulness"].mean for p in pts], [p["harmlessness"].mean for p in pts], style, label=label)
             for p in (pts[0], pts[-1]):
                 ax.annotate(f"λ={p['lambda']:.1f}", (p["helpfulness"].mean, p["harmlessness"].mean), fontsize=7)
         ax.set(xlabel="helpfulness", ylabel="harmlessness", title=f"reward interpolation ({key})", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05))
@@ -268,21 +315,27 @@ def plots(results: dict, out: Path) -> None:
 
 
 def run_eval(paths: dict[str, str], out: Path, cfg: EvalConfig = EvalConfig(), world_seed: int = 0,
-             n_entities: int = 400, quiet: bool = False) -> dict:
-    """Run every section on the family at ``paths`` and write the report to ``out``."""
+             n_entities: int = 400, quiet: bool = False, adapters: dict[str, Adapter] | None = None) -> dict:
+    """Run every section on the family at ``paths`` and write the report to ``out``; with
+    ``adapters`` (role -> LoRA adapter, replacing that role's full model) also section 5."""
     from tqdm.auto import tqdm
 
+    from ..roles.local import load_local_roles
+
     engine = Engine.local(paths)
+    adapter_engine = None
+    if adapters:
+        adapter_engine = Engine(*load_local_roles({r: p for r, p in paths.items() if r not in adapters}, adapters=adapters))
     world = build_world(world_seed, n_entities)
     prompts = eval_prompts(world, n_per_category=cfg.n_per_category, seed=cfg.seed)
-    bar = tqdm(total=cfg.steps(), desc="eft eval", disable=quiet)
+    bar = tqdm(total=cfg.steps(adapters=bool(adapters)), desc="eft eval", disable=quiet)
 
     def progress(label: str) -> None:
         bar.set_postfix_str(label)
         bar.update(1)
 
     started = time.perf_counter()
-    results = asyncio.run(run_experiments(engine, prompts, cfg, progress))
+    results = asyncio.run(run_experiments(engine, prompts, cfg, progress, adapter_engine))
     bar.close()
     meta = {
         "family": str(Path(next(iter(paths.values()))).parent),
