@@ -78,6 +78,29 @@ def test_group_rows_equal_merged_models_in_one_pass(workers):
     assert group.session_ids() == []
 
 
+def test_group_rows_equal_pefts_own_mixed_batch(workers, family_paths, adapter_paths):
+    """The group's forward pass is our own mixed-batch LoRA: it equals PEFT's
+    (``adapter_names`` per row, ``__base__`` for the base) on the same rows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    group, _ = workers
+    paths = adapter_paths["adapters"]
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(family_paths["base_small"]), paths["ft_small"], adapter_name="ft_small")
+    peft.load_adapter(paths["ft_safe"], adapter_name="ft_safe")
+    peft.eval()
+    ids = _ids(12, 5)
+    with torch.inference_mode():
+        logits = peft(input_ids=torch.tensor([ids] * 3), adapter_names=["__base__", "ft_small", "ft_safe"]).logits
+    want = torch.log_softmax(logits[..., :V].float(), dim=-1)
+    try:
+        got = group.score([ScoreItem("peft", ids, len(ids), role=r) for r in MEMBERS])
+        for i, rows in enumerate(got):
+            assert (rows - want[i]).abs().max() < 1e-5, MEMBERS[i]
+    finally:
+        group.release(["peft"])
+
+
 def test_drafting_returns_the_other_members_rows(workers):
     """The drafter's tokens equal its merged model's draft, and each ``also`` member's rows
     at the drafted positions equal its merged model's scores there, in the drafter's passes."""
@@ -185,6 +208,13 @@ def bad_adapters(family_paths, adapter_paths, tmp_path_factory):
         return str(path)
 
     out["not_lora"] = edited("not_lora", lambda c: c.update(peft_type="IA3"))
+    out["dora"] = edited("dora", lambda c: c.update(use_dora=True))
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    saved = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(family_paths["base_small"]), saved).save_pretrained(root / "saved_modules")
+    out["saved_modules"] = str(root / "saved_modules")
     out["no_targets"] = edited("no_targets", lambda c: c.update(target_modules=["no_such_proj"]))
     other = build_tiny_family(root / "other", WORDS, {"base_other": TinyModel(hidden=48, layers=1, seed=9)})["base_other"]
     out["other_base"] = tiny_lora(other, root / "other_base", 1)
@@ -203,6 +233,8 @@ def bad_adapters(family_paths, adapter_paths, tmp_path_factory):
 BAD = {
     "empty": "not a PEFT adapter directory \\(no adapter_config.json\\)",
     "not_lora": "only LoRA adapters can be co-served, this one is 'IA3'",
+    "dora": "uses a LoRA variant \\(DoraLinearVariant\\): only plain LoRA can be co-served",
+    "saved_modules": "saves whole modules \\(lm_head\\): only LoRA updates of linear layers can be co-served",
     "no_targets": "does not fit the model of base role 'base_small'.*no_such_proj",
     "other_base": "was trained on .*, a different model from base role 'base_small'.*hidden_size 48 vs 32",
     "moved_other_base": "does not fit the model of base role 'base_small'.*size mismatch",

@@ -4,8 +4,15 @@ A role given as ``adapter: PATH`` with ``base: ROLE`` is a LoRA adapter director
 ``save_pretrained``) on that role's model. Every adapter of one base is loaded into the
 base's worker (:class:`~eft_router.roles.worker.RoleWorker` with ``adapters``), which then
 answers for the base and all its adapters from one set of weights, each forward pass mixing
-their rows (PEFT's mixed-batch inference: ``adapter_names`` per row, :data:`BASE_ADAPTER`
-for the base's own rows).
+their rows.
+
+PEFT loads and checks the adapters; the forward pass is our own equivalent of PEFT's
+mixed-batch inference (``adapter_names`` per row), tested against it: each LoRA linear
+layer becomes a :class:`MixedLoRALinear` that adds each adapter's low-rank update to its own
+rows, which the worker keeps contiguous (its members' KV slots are contiguous ranges). On
+the tiny CPU models PEFT's own mixed batch cost 2.5x two separate passes (it walks every
+module to register hooks on each forward, and gathers rows per adapter per layer); this
+costs a slice and two small matmuls per adapter and layer.
 
 An adapter that cannot serve its base fails here, before the worker starts, with one line
 naming the role: not an adapter directory, not LoRA, trained on a model of another shape,
@@ -96,9 +103,89 @@ def _check_tokenizer(role: str, path: str, base: str, base_model: str) -> None:
         raise AdapterError(role, path, f"its tokenizer differs from that of base role {base!r}: the roles must share one vocabulary")
 
 
-def attach_adapters(base: str, base_model: str, model: torch.nn.Module, adapters: Mapping[str, str]) -> torch.nn.Module:
+@dataclass
+class LoRARows:
+    """Which adapter each batch row of the current forward pass uses: ``(start, end, role)``
+    segments of rows (rows outside every segment, or of role :data:`BASE_ADAPTER`, get no
+    update). Set by the worker before each pass; read by every :class:`MixedLoRALinear`."""
+
+    segments: list[tuple[int, int, str]]
+
+    @classmethod
+    def of(cls, names: list[str]) -> "LoRARows":
+        """Run-length segments of one adapter name per row."""
+        segments: list[tuple[int, int, str]] = []
+        for i, name in enumerate(names):
+            if segments and segments[-1][2] == name and segments[-1][1] == i:
+                segments[-1] = (segments[-1][0], i + 1, name)
+            else:
+                segments.append((i, i + 1, name))
+        return cls([s for s in segments if s[2] != BASE_ADAPTER])
+
+
+class MixedLoRALinear(torch.nn.Module):
+    """A linear layer and its LoRA updates, one per adapter role: row segment ``(s, e, r)`` of
+    the batch gets ``x[s:e] @ A_r^T @ (scale_r B_r)^T`` (plus B's bias, if the adapter has
+    one) on top of the base layer's output."""
+
+    def __init__(self, base: torch.nn.Linear, rows: LoRARows) -> None:
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.lora_a = torch.nn.ParameterDict()
+        self.lora_b = torch.nn.ParameterDict()  # scaled
+        self.lora_bias = torch.nn.ParameterDict()
+
+    def add(self, role: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.lora_a[role] = torch.nn.Parameter(a, requires_grad=False)
+        self.lora_b[role] = torch.nn.Parameter(b, requires_grad=False)
+        if bias is not None:
+            self.lora_bias[role] = torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for start, end, role in self.rows.segments:
+            if role in self.lora_a:
+                update = torch.nn.functional.linear(torch.nn.functional.linear(x[start:end], self.lora_a[role]), self.lora_b[role])
+                if role in self.lora_bias:
+                    update = update + self.lora_bias[role]
+                out[start:end] += update.to(out.dtype)
+        return out
+
+
+def _mixed(role_of: Mapping[str, str], peft_model: torch.nn.Module) -> tuple[torch.nn.Module, LoRARows]:
+    """The base model of ``peft_model`` with each PEFT LoRA layer replaced by a
+    :class:`MixedLoRALinear` holding the same weights (``role_of``: PEFT's adapter name ->
+    its path, for errors). Refuses what it does not compute: LoRA on other layer types,
+    variants (DoRA...), whole modules saved with the adapter (``modules_to_save``)."""
+    from peft.tuners.lora.layer import Linear, LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    rows = LoRARows([])
+    model = peft_model.get_base_model()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            role = next(iter(module.modules_to_save))
+            raise AdapterError(role, role_of[role], f"saves whole modules ({name}): only LoRA updates of linear layers can be co-served")
+        if not isinstance(module, LoraLayer):
+            continue
+        roles = list(module.lora_A) if hasattr(module, "lora_A") else []
+        if not isinstance(module, Linear):
+            raise AdapterError(roles[0], role_of[roles[0]], f"puts LoRA on {name} ({type(module).__name__}): only linear layers can be co-served")
+        for role in module.lora_variant:
+            raise AdapterError(role, role_of[role], f"uses a LoRA variant ({type(module.lora_variant[role]).__name__}): only plain LoRA can be co-served")
+        mixed = MixedLoRALinear(module.get_base_layer(), rows)
+        for role in roles:
+            b = module.lora_B[role]
+            mixed.add(role, module.lora_A[role].weight.detach(), b.weight.detach() * module.scaling[role], None if b.bias is None else b.bias.detach())
+        model.set_submodule(name, mixed)
+    return model, rows
+
+
+def attach_adapters(base: str, base_model: str, model: torch.nn.Module, adapters: Mapping[str, str]) -> tuple[torch.nn.Module, LoRARows]:
     """``model`` (base role ``base``'s, loaded from ``base_model``) with every adapter loaded
-    by PEFT under its role's name, for mixed-batch inference."""
+    by PEFT under its role's name and turned into :class:`MixedLoRALinear` layers, and the
+    :class:`LoRARows` that tells them, per forward pass, which rows are whose."""
     from peft import PeftModel
 
     peft_model = None
@@ -117,4 +204,4 @@ def attach_adapters(base: str, base_model: str, model: torch.nn.Module, adapters
             if len(detail) > MAX_DETAIL:
                 detail = detail[:MAX_DETAIL] + "..."
             raise AdapterError(role, path, f"does not fit the model of base role {base!r} ({base_model}): {detail}") from err
-    return peft_model if peft_model is not None else model
+    return _mixed(dict(adapters), peft_model)

@@ -3,8 +3,10 @@
 The same class runs in-process (:mod:`eft_router.roles.local`) and inside a Ray Serve
 replica. With ``adapters`` it serves a co-served group: the model's own role and one role
 per PEFT LoRA adapter of it, every member's rows of a call in the same forward passes
-(PEFT's mixed-batch inference, one adapter name per row), each member with its own share
-of the KV slots (an adapter changes the keys and values, so members never share a cache). It is synchronous and single-threaded by design: the caller owns concurrency; a
+(a mixed-batch forward, one adapter per row), each member with its own share
+of the KV slots (an adapter changes the keys and values, so members never share a cache).
+Members' slots are contiguous ranges and a pass's rows are sorted by slot, so each member's
+rows of a pass are contiguous: one segment per adapter (:class:`~.adapters.LoRARows`). It is synchronous and single-threaded by design: the caller owns concurrency; a
 worker only turns a batch of items into log-probs as cheaply as the cache allows. A call's
 items become as few forward passes as padding allows (:func:`width_groups`): one for a step
 of decodes, a separate one for a long prefill, whose width would otherwise pad every row.
@@ -20,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..core.sampling import sample_from, sampling_probs
-from .adapters import BASE_ADAPTER, attach_adapters
+from .adapters import BASE_ADAPTER, LoRARows, attach_adapters
 from .interface import Draft, DraftItem, RoleInfo, ScoreItem
 from .kv_cache import ATTENTION, Session, SessionTable, SlotBatch, SlotKVCache
 
@@ -104,8 +106,9 @@ class RoleWorker:
         if adapters and prepare is not None:
             raise ValueError(f"role {name!r}: adapter roles ({', '.join(adapters)}) cannot be co-served with a tensor-parallel shard")
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], attn_implementation=ATTENTION)
+        self._lora_rows: LoRARows | None = None  # a group's: which rows of a pass are whose
         if adapters:
-            loaded = attach_adapters(name, model, loaded, adapters)
+            loaded, self._lora_rows = attach_adapters(name, model, loaded, adapters)
         self.model = (prepare(loaded) if prepare else loaded).to(device).eval()
         rows = self.model.get_output_embeddings().weight.shape[0]
         if rows < vocab_size:
@@ -220,9 +223,8 @@ class RoleWorker:
         batch = SlotBatch.build(slots, [len(r.session.tokens) for r in rows], widths, self.kv.slot_length, self.device)
         keep = max(1, max(width - w + r.rows for w, r in zip(widths, rows)))
         self.kv.begin(batch, slots)
-        # a group's pass names each row's adapter (PEFT's mixed batch: the base once, each
-        # adapter's low-rank update on its own rows)
-        adapters = {"adapter_names": [r.adapter for r in rows]} if self._adapters else {}
+        if self._lora_rows is not None:  # a group's pass: the base once, each adapter's update on its rows
+            self._lora_rows.segments = LoRARows.of([r.adapter for r in rows]).segments
         started = time.perf_counter()
         logits = self.model(
             input_ids=ids.to(self.device),
@@ -231,7 +233,6 @@ class RoleWorker:
             use_cache=True,
             logits_to_keep=keep,
             slot_batch=batch,
-            **adapters,
         ).logits
         self.forward_seconds += time.perf_counter() - started
         self.forward_passes += 1
