@@ -128,7 +128,8 @@ def _generate(args: argparse.Namespace, stack: ExitStack) -> None:
     client = _client(args, stack)
     params = dict(
         _eft(args), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        max_tokens=args.max_tokens, stop=args.stop, k=args.k, draft_confidence=args.draft_confidence, diagnostics=args.json,
+        max_tokens=args.max_tokens, stop=args.stop, k=args.k, draft_confidence=args.draft_confidence,
+        adaptive=args.adaptive or None, diagnostics=args.json,
     )
     prompt = _prompt(client, args, args.prompt)
     if args.json:
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
     gen.add_argument("-k", "--speculative-k", dest="k", type=int, default=None, help="draft block size (0: off)")
     gen.add_argument("--draft-confidence", type=float, default=None, help="end drafting before a token the drafter is less sure of (0: off)")
+    gen.add_argument("--adaptive", action="store_true", help="adapt the block size to acceptance, k at most")
     gen.add_argument("--json", action="store_true", help="one JSON object with statistics and diagnostics")
 
     score = sub.add_parser("score", help="per-token log-probs of a continuation")

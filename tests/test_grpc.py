@@ -127,6 +127,11 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(client, engine):
     g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative)))
     assert list(unsure.token_ids) == g.token_ids and unsure.stats.drafted_tokens == g.stats.drafted_tokens
     assert unsure.stats.drafted_tokens < reply.stats.drafted_tokens
+    # so does the adaptive block size: the engine's tokens and drafts
+    adaptive = client.generate("w1 w2", temperature=1.0, seed=7, max_tokens=12, k=6, adaptive=True)
+    speculative = SpeculativeParams(k=6, adaptive=True)
+    g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative)))
+    assert list(adaptive.token_ids) == g.token_ids and adaptive.stats.drafted_tokens == g.stats.drafted_tokens
 
 
 def test_score_equals_the_engine(client, engine):

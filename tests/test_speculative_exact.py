@@ -36,6 +36,7 @@ from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
 from eft_router.engine import GenerationRequest
 
 MAX_NEW = 3
+ADAPTIVE_NEW = 5  # room for a shrunk block size to show within one output (k = 3)
 CONCURRENT = 48  # requests in flight at once: every sample shares its steps with others
 N_PLAIN = 5_000  # plain EFT is checked with fewer samples: it is the reference behaviour
 N_WRONG = 5_000  # the wrong rules are far enough off that 5000 samples reject them
@@ -112,7 +113,7 @@ def g_test(counts: Counter, law: dict, min_expected: float = 5.0) -> float:
 
 
 def engine_samples(
-    engine, prompt: Sequence[int], n: int, speculative: SpeculativeParams, sampling: dict
+    engine, prompt: Sequence[int], n: int, speculative: SpeculativeParams, sampling: dict, max_new: int = MAX_NEW
 ) -> tuple[Counter, float, float, float]:
     """Outputs of ``engine.generate`` for seeds 0..n-1, :data:`CONCURRENT` requests at a time
     sharing the engine's steps (one event loop for all): counts per output, the
@@ -125,7 +126,7 @@ def engine_samples(
             async with in_flight:
                 out = await engine.generate(GenerationRequest(
                     prompt,
-                    sampling=SamplingParams(seed=seed, max_new_tokens=MAX_NEW, stop_token_ids=(), **sampling),
+                    sampling=SamplingParams(seed=seed, max_new_tokens=max_new, stop_token_ids=(), **sampling),
                     speculative=speculative,
                 ))
             assert out.stats.seed == seed
@@ -152,15 +153,18 @@ def setup(tiny_vocab_engine, hf_models):
     prompt = tok("a b")["input_ids"]
     assert tiny_vocab_engine.eos_ids == {tok.eos_token_id}
     laws = {name: analytic_law(hf_models, prompt, len(tok), tok.eos_token_id, s) for name, (s, _, _) in CONFIGS.items()}
+    laws.update({(name, ADAPTIVE_NEW): analytic_law(hf_models, prompt, len(tok), tok.eos_token_id, s, ADAPTIVE_NEW) for name, (s, _, _) in CONFIGS.items()})
     return tiny_vocab_engine, prompt, laws
 
 
-def check(setup, config: str, n: int, k: int, confidence: float = 0.0) -> tuple[float, float, float]:
-    """G-test p-value, acceptance rate and drafts per block of n samples."""
+def check(
+    setup, config: str, n: int, k: int, confidence: float = 0.0, adaptive: bool = False, max_new: int = MAX_NEW
+) -> tuple[float, float, float]:
+    """G-test p-value, acceptance rate and drafts per block of n samples of ``max_new`` tokens."""
     engine, prompt, laws = setup
-    speculative = SpeculativeParams(k=k, confidence=confidence)
-    counts, rate, drafts, per_sample = engine_samples(engine, prompt, n, speculative, CONFIGS[config][0])
-    pvalue = g_test(counts, laws[config])
+    speculative = SpeculativeParams(k=k, confidence=confidence, adaptive=adaptive)
+    counts, rate, drafts, per_sample = engine_samples(engine, prompt, n, speculative, CONFIGS[config][0], max_new)
+    pvalue = g_test(counts, laws[config] if max_new == MAX_NEW else laws[(config, max_new)])
     print(f"{config} {speculative} n={n}: G-test p = {pvalue:.3g}, acceptance rate {rate:.3f}, "
           f"{drafts:.2f} drafts per block, {1000 * per_sample:.1f} ms/sample")
     return pvalue, rate, drafts
@@ -184,6 +188,18 @@ def test_drafts_ended_by_confidence_keep_the_law(setup) -> None:
     still both accepted and rejected."""
     pvalue, rate, drafts = check(setup, "T1", N_CONFIDENCE, k=2, confidence=0.3)
     assert 0.1 < rate < 0.9 and 0.1 < drafts < 1.0, (rate, drafts)
+    assert pvalue > 1e-3
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_adaptive_block_size_keeps_the_law(setup, config: str) -> None:
+    """A block's size chosen from earlier blocks' acceptance (k = 3 at most, over 5 new
+    tokens, so that a shrunk block size shows: fewer drafts per block than fixed k = 3)
+    keeps the output law."""
+    pvalue, rate, drafts = check(setup, config, CONFIGS[config][1], k=3, adaptive=True, max_new=ADAPTIVE_NEW)
+    assert 0.1 < rate < 0.9, rate
+    fixed = check(setup, config, 2_000, k=3, max_new=ADAPTIVE_NEW)[2]
+    assert drafts < fixed, (drafts, fixed)  # the size really adapted
     assert pvalue > 1e-3
 
 
@@ -243,4 +259,11 @@ def residual_is_target(target, draft_probs, draft_tokens, accept_uniforms, final
 def test_wrong_acceptance_rules_are_detected(setup, monkeypatch, rule: Callable) -> None:
     monkeypatch.setattr(engine_module, "accept_blocks", per_block(rule))
     pvalue, _, _ = check(setup, "T1", N_WRONG, k=2)
+    assert pvalue < 1e-6
+
+
+def test_the_adaptive_test_has_power(setup, monkeypatch) -> None:
+    """The 5-token law of the adaptive test rejects the subtly wrong rule too."""
+    monkeypatch.setattr(engine_module, "accept_blocks", per_block(residual_is_target))
+    pvalue, _, _ = check(setup, "T1", N_WRONG, k=3, adaptive=True, max_new=ADAPTIVE_NEW)
     assert pvalue < 1e-6

@@ -33,21 +33,43 @@ def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, **k
 def test_greedy_speculative_equals_plain(engine, prompt, spec):
     """Plain and every speculative variant of one request, all at once (they share steps)."""
     ids = engine.tokenizer(prompt)["input_ids"]
-    variants = [(0, 0.0), (1, 0.0), (2, 0.0), (4, 0.0), (8, 0.0), (4, 0.2), (8, 0.3)]
+    variants = [(0, 0.0, False), (1, 0.0, False), (2, 0.0, False), (4, 0.0, False), (8, 0.0, False), (4, 0.2, False),
+                (8, 0.3, False), (4, 0.0, True), (8, 0.3, True)]
 
     async def all_at_once():
         requests = [
-            GenerationRequest(ids, eft=SPECS[spec], sampling=GREEDY, speculative=SpeculativeParams(k=k, confidence=c))
-            for k, c in variants
+            GenerationRequest(ids, eft=SPECS[spec], sampling=GREEDY, speculative=SpeculativeParams(k=k, confidence=c, adaptive=a))
+            for k, c, a in variants
         ]
         return await asyncio.gather(*map(engine.generate, requests))
 
     plain, *fast = asyncio.run(all_at_once())
     assert plain.stats.blocks == len(plain.token_ids)  # plain: one token per step
-    for (k, confidence), out in zip(variants[1:], fast):
-        assert out.token_ids == plain.token_ids, f"k={k}, confidence={confidence}"
+    for (k, confidence, adaptive), out in zip(variants[1:], fast):
+        assert out.token_ids == plain.token_ids, f"k={k}, confidence={confidence}, adaptive={adaptive}"
         assert out.text == plain.text and out.finish_reason == plain.finish_reason
         assert out.stats.blocks <= plain.stats.blocks
+
+
+def test_adaptive_block_size_follows_acceptance(engine):
+    """The block size starts at k, grows by 2 after a fully accepted block and shrinks by 1
+    after a rejection, within [1, k]: replayed from the blocks' acceptance."""
+    for prompt in PROMPTS:
+        ids = engine.tokenizer(prompt)["input_ids"]
+        request = GenerationRequest(ids, sampling=GREEDY, speculative=SpeculativeParams(k=6, adaptive=True))
+        out = asyncio.run(engine.generate(request))
+        size, produced = 6, 0
+        for accepted in out.stats.accepted_per_block:
+            drafted = min(size, GREEDY.max_new_tokens - produced - 1)
+            assert accepted <= drafted
+            produced += accepted + 1
+            if drafted:
+                size = min(6, size + 2) if accepted == drafted else max(1, size - 1)
+        assert produced >= len(out.token_ids)
+    sizes = [run(engine, p, k=6).stats for p in PROMPTS]
+    adaptive = [asyncio.run(engine.generate(GenerationRequest(engine.tokenizer(p)["input_ids"], sampling=GREEDY,
+                speculative=SpeculativeParams(k=6, adaptive=True)))).stats for p in PROMPTS]
+    assert sum(s.drafted_tokens for s in adaptive) < sum(s.drafted_tokens for s in sizes)  # it did shrink
 
 
 def test_speculation_accepts_and_rejects(engine):

@@ -262,11 +262,18 @@ class SpeculativeParams:
     does not know the next token (a fact the large model knows) would mostly be rejected
     there, and the target samples that position itself. The choice depends only on the
     drafter's view of the prefix, so the output stays exactly EFT-distributed; whether it
-    pays depends on how well the drafter's confidence tracks its acceptance."""
+    pays depends on how well the drafter's confidence tracks its acceptance.
+
+    ``adaptive`` makes ``k`` a maximum: each block drafts the request's current block size,
+    which starts at ``k``, grows by 2 after a block whose drafts were all accepted and
+    shrinks by 1 (to at least 1) after one with a rejection (Hugging Face's
+    ``num_assistant_tokens`` heuristic). A block's size depends only on earlier blocks, so the
+    output stays exactly EFT-distributed."""
 
     k: int = 0
     drafter: str | None = None
     confidence: float = 0.0
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         _int("speculative.k", self.k, 0, MAX_SPECULATIVE_K)
@@ -274,3 +281,5 @@ class SpeculativeParams:
             raise SpecError("speculative.confidence", f"must be in [0, 1], got {self.confidence}")
         if self.drafter is not None and (not isinstance(self.drafter, str) or not self.drafter):
             raise SpecError("speculative.drafter", f"must be a role name, got {self.drafter!r}")
+        if not isinstance(self.adaptive, bool):
+            raise SpecError("speculative.adaptive", f"must be true or false, got {self.adaptive!r}")

@@ -488,6 +488,7 @@ class Engine:
         stats.blocks += 1
         stats.drafted_tokens += len(b.tokens)
         stats.accepted_per_block.append(accepted)
+        request.adapt(len(b.tokens), accepted)
         chunk = StreamChunk(token_ids=[], text="")
         for t, token in enumerate(tokens):
             chunk.token_ids.append(token)

@@ -55,14 +55,26 @@ class GenerationState(RequestState):
     stops: StopChecker | None = None
     stats: GenerationStats | None = None
     tv_role: str | None = None  # whose distribution diagnostics compare with the target
+    block_k: int | None = None  # adaptive speculation: the current block size (None: k)
 
     def next_k(self) -> int:
-        """The next block's drafts: speculative k, but never past ``max_new_tokens`` (the
-        block's last token is always the target's own)."""
+        """The next block's drafts: speculative k (adaptive: the current block size), but
+        never past ``max_new_tokens`` (the block's last token is always the target's own)."""
         if self.drafter is None:
             return 0
         left = self.request.sampling.max_new_tokens - len(self.stops.token_ids) - 1
-        return max(0, min(self.request.speculative.k, left))
+        k = self.request.speculative.k if self.block_k is None else self.block_k
+        return max(0, min(k, left))
+
+    def adapt(self, drafted: int, accepted: int) -> None:
+        """After a block: the adaptive block size grows by 2 when every draft was accepted and
+        shrinks by 1 otherwise, within [1, k] (a block cut short by max_new_tokens or by the
+        drafter's confidence counts as drafted)."""
+        speculative = self.request.speculative
+        if not speculative.adaptive or drafted == 0:
+            return
+        current = speculative.k if self.block_k is None else self.block_k
+        self.block_k = min(speculative.k, current + 2) if accepted == drafted else max(1, current - 1)
 
     def block_tokens(self) -> int:
         return self.next_k() + 1

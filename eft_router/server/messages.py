@@ -127,6 +127,8 @@ def speculative_params(msg: pb.SpeculativeParams, default: SpeculativeParams) ->
         changes["drafter"] = msg.drafter
     if msg.HasField("confidence"):
         changes["confidence"] = msg.confidence
+    if msg.HasField("adaptive"):
+        changes["adaptive"] = msg.adaptive
     return replace(default, **changes) if changes else default
 
 
@@ -196,6 +198,7 @@ def generate_request(
     k: int | None = None,
     drafter: str = "",
     draft_confidence: float | None = None,
+    adaptive: bool | None = None,
     diagnostics: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; arguments left None take the server's defaults."""
@@ -206,7 +209,7 @@ def generate_request(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens,
             stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
         ),
-        speculative=pb.SpeculativeParams(k=k, drafter=drafter, confidence=draft_confidence),
+        speculative=pb.SpeculativeParams(k=k, drafter=drafter, confidence=draft_confidence, adaptive=adaptive),
         diagnostics=diagnostics,
     )
 
