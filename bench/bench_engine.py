@@ -158,6 +158,7 @@ def main() -> None:
         "base_large alone": (EFTSpec(preset="linear", coefficients={"base_large": 1.0}), SpeculativeParams()),
         "plain EFT": (EFTSpec(), SpeculativeParams()),
         **{f"speculative EFT k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence)) for k in ks},
+        **{f"adaptive EFT k<={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence, adaptive=True)) for k in ks if k in (4, 8)},
         **{f"perfect drafter k={k}": (PERFECT_DRAFTER, SpeculativeParams(k=k)) for k in ks},
     }
     warm_up = replace(sampling, max_new_tokens=8)
@@ -186,8 +187,10 @@ def main() -> None:
     small_speedup = tps["ft_small alone"] / tps["base_large alone"]
     print()
     print(f"ft_small alone over base_large alone: {small_speedup:.2f}x")
-    for kind in ("speculative EFT", "perfect drafter"):
-        best = max((n for n in tps if n.startswith(kind)), key=tps.get)
+    for kind in ("speculative EFT", "adaptive EFT", "perfect drafter"):
+        best = max((n for n in tps if n.startswith(kind)), key=tps.get, default=None)
+        if best is None:
+            continue
         speedup = tps[best] / tps["plain EFT"]
         print(f"best {best}: {speedup:.2f}x plain EFT (target 2.5x), {speedup / small_speedup:.0%} of ft_small's "
               f"speed-up (target 70%), {tps[best] / tps['ft_small alone']:.0%} of the drafter's own speed")
