@@ -24,7 +24,6 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from eft_router.roles.adapters import read_adapter_config
 from eft_router.roles.interface import DraftItem, RoleInfo, ScoreItem
 from eft_router.roles.models import check_model
 from eft_router.roles import serve as serve_backend
@@ -129,8 +128,6 @@ class RoleDeployment:
         adapters: dict[str, str] | None = None,
     ) -> None:
         check_model(role, model, need_tokenizer=vocab_size is None)  # one line, before anything loads
-        for name, path in (adapters or {}).items():
-            read_adapter_config(name, path)
         self._vocab: dict[str, int] | None = None
         try:
             from transformers import AutoTokenizer

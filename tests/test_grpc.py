@@ -351,7 +351,8 @@ def test_a_full_engine_queue_answers_resource_exhausted_and_never_fitting_is_inv
         assert err.value.details().startswith("sampling.max_tokens: prompt (1 tokens)") and "must fit the context length 512" in err.value.details()
         running = c.stub.GenerateStream(_request_long(), timeout=60)
         next(running)
-        waiting = c.stub.Generate.future(pb.GenerateRequest(prompt=pb.Prompt(text="w2"), sampling=pb.SamplingParams(max_tokens=3)), timeout=60)
+        # EOS ignored: a sampled EOS would end a request early and say nothing about the queue
+        waiting = c.stub.Generate.future(pb.GenerateRequest(prompt=pb.Prompt(text="w2"), sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True)), timeout=60)
         deadline = time.monotonic() + 10
         while not router.router.engine.scheduler.waiting and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -360,7 +361,7 @@ def test_a_full_engine_queue_answers_resource_exhausted_and_never_fitting_is_inv
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.value.details()
         running.cancel()
         assert len(waiting.result().token_ids) == 3  # the queued one ran once the slot was free
-        assert len(c.generate("w3", max_tokens=3).token_ids) == 3
+        assert len(c.generate("w3", max_tokens=3, ignore_eos=True).token_ids) == 3
 
 
 def test_a_router_whose_defaults_cannot_be_served_is_refused(engine):

@@ -134,7 +134,9 @@ def test_draft_equals_in_process(serve_roles, engine):
     prompt = ids(engine, "w9 w8 w7")
     params = DraftParams(temperature=0.8, top_p=0.9)
     uniforms = [0.1, 0.5, 0.93, 0.3]
-    (remote,) = asyncio.run(serve_roles["ft_small"].draft([DraftItem("d-" + uuid.uuid4().hex, prompt, 4, params, uniforms)]))
+    remote_sid = "d-" + uuid.uuid4().hex
+    (remote,) = asyncio.run(serve_roles["ft_small"].draft([DraftItem(remote_sid, prompt, 4, params, uniforms)]))
+    asyncio.run(serve_roles["ft_small"].release([remote_sid]))  # leave the shared ensemble as found
     (local,) = engine.roles["ft_small"].worker.draft([DraftItem("d-local", prompt, 4, params, uniforms)])
     engine.roles["ft_small"].worker.release(["d-local"])
     asyncio.run(serve_roles["ft_small"].release(["unused"]))  # unknown sessions are ignored
@@ -214,7 +216,7 @@ def test_vocabulary_check_names_roles():
         _check_roles({**infos, "ft_small": RoleInfo("ft_small", "m", 4, 16, 8, 16)}, {}, vocabs.__getitem__)
     apps = {"ft_small": "eft-ft_small"}
     with pytest.raises(VocabularyMismatch, match="'ft_small'.*'eft-ft_small' serves role\\(s\\) base_large, not it"):
-        _assemble(["ft_small"], apps, {"eft-ft_small": None}, {"eft-ft_small": {"base_large": infos["base_large"]}}, {}, vocabs.__getitem__, None)
+        _assemble(["ft_small"], apps, {"eft-ft_small": "ft_small"}, {"eft-ft_small": None}, {"eft-ft_small": {"base_large": infos["base_large"]}}, {}, vocabs.__getitem__, None)
 
 
 # -- the ensemble config ------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ..core.combine import combine, combine_rows, plan_rows
 from ..core.sampling import sampling_probs
 from ..core.spec import BASE_LARGE, BASE_SMALL, FT_LARGE, FT_SMALL, SpecError
 from ..core.stopping import StopChecker
-from ..roles.interface import Draft, DraftItem, DraftParams, PartialFailure, Role, ScoreItem
+from ..roles.interface import Draft, DraftItem, DraftParams, PartialFailure, Role, ScoreItem, backend_name
 from .request import (
     Generation, GenerationRequest, GenerationStats, ScoreRequest, ScoreResult, StreamChunk, TokenDiagnostics, TokenLogprobs,
 )
@@ -303,7 +303,7 @@ class Engine:
         group = getattr(r, "group", None)
         if group is None:
             return role, r, ""
-        return "+".join(group.infos), group, role
+        return backend_name(group), group, role
 
     def _co_served(self, role: str, roles: Iterable[str]) -> tuple[str, ...]:
         """The other roles of ``roles`` that ``role``'s backend also serves."""

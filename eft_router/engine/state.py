@@ -63,8 +63,10 @@ class GenerationState(RequestState):
         if self.drafter is None:
             return 0
         left = self.request.sampling.max_new_tokens - len(self.stops.token_ids) - 1
-        k = self.request.speculative.k if self.block_k is None else self.block_k
-        return max(0, min(k, left))
+        return max(0, min(self._block_size(), left))
+
+    def _block_size(self) -> int:
+        return self.request.speculative.k if self.block_k is None else self.block_k
 
     def adapt(self, drafted: int, accepted: int) -> None:
         """After a block: the adaptive block size grows by 2 when every draft was accepted and
@@ -73,7 +75,7 @@ class GenerationState(RequestState):
         speculative = self.request.speculative
         if not speculative.adaptive or drafted == 0:
             return
-        current = speculative.k if self.block_k is None else self.block_k
+        current = self._block_size()
         self.block_k = min(speculative.k, current + 2) if accepted == drafted else max(1, current - 1)
 
     def block_tokens(self) -> int:

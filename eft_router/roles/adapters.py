@@ -30,7 +30,6 @@ from typing import Mapping
 
 import torch
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 ADAPTER_CONFIG = "adapter_config.json"
 MAX_DETAIL = 400  # characters of PEFT's own error kept in ours (a shape mismatch lists every tensor)
 # config fields that must agree between an adapter's recorded base model and the base role's
@@ -106,21 +105,21 @@ def _check_tokenizer(role: str, path: str, base: str, base_model: str) -> None:
 @dataclass
 class LoRARows:
     """Which adapter each batch row of the current forward pass uses: ``(start, end, role)``
-    segments of rows (rows outside every segment, or of role :data:`BASE_ADAPTER`, get no
-    update). Set by the worker before each pass; read by every :class:`MixedLoRALinear`."""
+    segments of rows (rows outside every segment get no update). Set by the worker before
+    each pass; read by every :class:`MixedLoRALinear`."""
 
     segments: list[tuple[int, int, str]]
 
     @classmethod
-    def of(cls, names: list[str]) -> "LoRARows":
-        """Run-length segments of one adapter name per row."""
+    def of(cls, roles: list[str], base: str) -> "LoRARows":
+        """Run-length segments of one role per row, leaving out the ``base`` role's rows."""
         segments: list[tuple[int, int, str]] = []
-        for i, name in enumerate(names):
-            if segments and segments[-1][2] == name and segments[-1][1] == i:
-                segments[-1] = (segments[-1][0], i + 1, name)
+        for i, role in enumerate(roles):
+            if segments and segments[-1][2] == role:
+                segments[-1] = (segments[-1][0], i + 1, role)
             else:
-                segments.append((i, i + 1, name))
-        return cls([s for s in segments if s[2] != BASE_ADAPTER])
+                segments.append((i, i + 1, role))
+        return cls([s for s in segments if s[2] != base])
 
 
 class MixedLoRALinear(torch.nn.Module):
@@ -153,10 +152,10 @@ class MixedLoRALinear(torch.nn.Module):
         return out
 
 
-def _mixed(role_of: Mapping[str, str], peft_model: torch.nn.Module) -> tuple[torch.nn.Module, LoRARows]:
+def _mixed(paths: Mapping[str, str], peft_model: torch.nn.Module) -> tuple[torch.nn.Module, LoRARows]:
     """The base model of ``peft_model`` with each PEFT LoRA layer replaced by a
-    :class:`MixedLoRALinear` holding the same weights (``role_of``: PEFT's adapter name ->
-    its path, for errors). Refuses what it does not compute: LoRA on other layer types,
+    :class:`MixedLoRALinear` holding the same weights (``paths``: adapter role -> its
+    directory, for errors). Refuses what it does not compute: LoRA on other layer types,
     variants (DoRA...), whole modules saved with the adapter (``modules_to_save``)."""
     from peft.tuners.lora.layer import Linear, LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
@@ -166,14 +165,14 @@ def _mixed(role_of: Mapping[str, str], peft_model: torch.nn.Module) -> tuple[tor
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             role = next(iter(module.modules_to_save))
-            raise AdapterError(role, role_of[role], f"saves whole modules ({name}): only LoRA updates of linear layers can be co-served")
+            raise AdapterError(role, paths[role], f"saves whole modules ({name}): only LoRA updates of linear layers can be co-served")
         if not isinstance(module, LoraLayer):
             continue
         roles = list(module.lora_A) if hasattr(module, "lora_A") else []
         if not isinstance(module, Linear):
-            raise AdapterError(roles[0], role_of[roles[0]], f"puts LoRA on {name} ({type(module).__name__}): only linear layers can be co-served")
+            raise AdapterError(roles[0], paths[roles[0]], f"puts LoRA on {name} ({type(module).__name__}): only linear layers can be co-served")
         for role in module.lora_variant:
-            raise AdapterError(role, role_of[role], f"uses a LoRA variant ({type(module.lora_variant[role]).__name__}): only plain LoRA can be co-served")
+            raise AdapterError(role, paths[role], f"uses a LoRA variant ({type(module.lora_variant[role]).__name__}): only plain LoRA can be co-served")
         mixed = MixedLoRALinear(module.get_base_layer(), rows)
         for role in roles:
             b = module.lora_B[role]

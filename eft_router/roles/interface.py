@@ -158,6 +158,12 @@ def members(backend: Role) -> dict[str, Role]:
     return {name: Member(backend, name) for name in backend.infos}
 
 
+def backend_name(backend: Role) -> str:
+    """A backend's name in call counts and metrics: its role, or its group's roles joined
+    with ``+``."""
+    return "+".join(backend.infos)
+
+
 def backends(roles: Mapping[str, Role]) -> list[Role]:
     """The distinct backends behind ``roles`` (a group's members share one)."""
     return list({id(b): b for b in (getattr(r, "group", r) for r in roles.values())}.values())

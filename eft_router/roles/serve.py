@@ -221,16 +221,21 @@ def _check_roles(infos: dict[str, RoleInfo], digests: dict[str, str | None], fet
         )
 
 
-def _serving(roles: Sequence[str], served_by: Mapping[str, str] | None, prefix: str) -> dict[str, str]:
-    """Each role's application: its own, or (``served_by``) the one of the role whose group
-    serves it."""
+def _serving(roles: Sequence[str], served_by: Mapping[str, str] | None, prefix: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Each role's application (its own, or, by ``served_by``, the one of the role whose
+    group serves it), and per application the first of its roles (to name it in errors)."""
     served_by = served_by or {}
-    return {role: app_name(served_by.get(role, role), prefix) for role in roles}
+    apps = {role: app_name(served_by.get(role, role), prefix) for role in roles}
+    names: dict[str, str] = {}
+    for role, app in apps.items():
+        names.setdefault(app, role)
+    return apps, names
 
 
 def _assemble(
     roles: Sequence[str],
     apps: dict[str, str],
+    names: dict[str, str],
     handles: dict[str, Any],
     infos: dict[str, dict[str, RoleInfo]],
     digests: dict[str, str | None],
@@ -240,14 +245,13 @@ def _assemble(
     """The roles over their applications' handles (one backend per application, a
     :class:`Member` per role of a group), after checking that each application serves its
     roles and that all share one vocabulary. ``infos``, ``digests``, ``fetch_vocab``: by
-    application."""
-    first = {app: next(r for r in roles if apps[r] == app) for app in handles}  # a role to name each application by
+    application; ``names``: a role of each application."""
     for role in roles:
         if role not in infos[apps[role]]:
             raise VocabularyMismatch(f"role {role!r}: application {apps[role]!r} serves role(s) {', '.join(infos[apps[role]])}, not it")
     _check_roles(
         {role: infos[apps[role]][role] for role in roles},
-        {first[app]: d for app, d in digests.items()},
+        {names[app]: d for app, d in digests.items()},
         lambda role: fetch_vocab(apps[role]),
     )
     out: dict[str, Role] = {}
@@ -271,18 +275,18 @@ def connect_serve_roles(
     differences). ``timeout_s`` bounds these connection calls; ``call_timeout_s`` each later
     role call (None: unbounded). Role ``r`` is the application ``app_prefix + r``, or, for
     an adapter role co-served with its base, ``app_prefix + served_by[r]``."""
-    apps = _serving(roles, served_by, app_prefix)
-    handles = {app: _handle(next(r for r in roles if apps[r] == app), app) for app in dict.fromkeys(apps.values())}
+    apps, names = _serving(roles, served_by, app_prefix)
+    handles = {app: _handle(role, app) for app, role in names.items()}
 
     def get(app: str, method: str) -> Any:
         try:
             return getattr(handles[app], method).remote().result(timeout_s=timeout_s)
         except Exception as err:  # Ctrl-C (KeyboardInterrupt) is not a role failure: it passes
-            raise _map_error(next(r for r in roles if apps[r] == app), err, app) from err
+            raise _map_error(names[app], err, app) from err
 
     infos = {app: get(app, "infos") for app in handles}
     digests = {app: get(app, "vocab_digest") for app in handles}
-    return _assemble(roles, apps, handles, infos, digests, lambda app: get(app, "vocab"), call_timeout_s)
+    return _assemble(roles, apps, names, handles, infos, digests, lambda app: get(app, "vocab"), call_timeout_s)
 
 
 async def aconnect_serve_roles(
@@ -293,8 +297,7 @@ async def aconnect_serve_roles(
     served_by: Mapping[str, str] | None = None,
 ) -> dict[str, Role]:
     """:func:`connect_serve_roles` for code running in an event loop (the router)."""
-    apps = _serving(roles, served_by, app_prefix)
-    names = {app: next(r for r in roles if apps[r] == app) for app in dict.fromkeys(apps.values())}
+    apps, names = _serving(roles, served_by, app_prefix)
     handles = {app: _handle(role, app) for app, role in names.items()}
     probes = {app: ServeRole(RoleInfo(names[app], "", 0, 0, 0, 0), handles[app], timeout_s, app) for app in handles}
     infos = dict(zip(handles, await asyncio.gather(*(probes[a]._call("infos") for a in handles))))
@@ -302,4 +305,4 @@ async def aconnect_serve_roles(
     vocabs = {}
     if len({d for d in digests.values() if d is not None}) > 1:
         vocabs = dict(zip(handles, await asyncio.gather(*(probes[a]._call("vocab") for a in handles))))
-    return _assemble(roles, apps, handles, infos, digests, vocabs.__getitem__, call_timeout_s)
+    return _assemble(roles, apps, names, handles, infos, digests, vocabs.__getitem__, call_timeout_s)

@@ -1,15 +1,17 @@
 """A role worker: one Hugging Face causal LM with its sessions' KV caches in slots.
 
 The same class runs in-process (:mod:`eft_router.roles.local`) and inside a Ray Serve
-replica. With ``adapters`` it serves a co-served group: the model's own role and one role
-per PEFT LoRA adapter of it, every member's rows of a call in the same forward passes
-(a mixed-batch forward, one adapter per row), each member with its own share
-of the KV slots (an adapter changes the keys and values, so members never share a cache).
-Members' slots are contiguous ranges and a pass's rows are sorted by slot, so each member's
-rows of a pass are contiguous: one segment per adapter (:class:`~.adapters.LoRARows`). It is synchronous and single-threaded by design: the caller owns concurrency; a
+replica. It is synchronous and single-threaded by design: the caller owns concurrency; a
 worker only turns a batch of items into log-probs as cheaply as the cache allows. A call's
 items become as few forward passes as padding allows (:func:`width_groups`): one for a step
 of decodes, a separate one for a long prefill, whose width would otherwise pad every row.
+
+With ``adapters`` it serves a co-served group: the model's own role and one role per PEFT
+LoRA adapter of it, every member's rows of a call in the same forward passes (a mixed-batch
+forward, one adapter per row), each member with its own share of the KV slots (an adapter
+changes the keys and values, so members never share a cache). Members' slots are contiguous
+ranges and a pass's rows are sorted by slot, so each member's rows of a pass are
+contiguous: one segment per adapter (:class:`~.adapters.LoRARows`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..core.sampling import sample_from, sampling_probs
-from .adapters import BASE_ADAPTER, LoRARows, attach_adapters
+from .adapters import LoRARows, attach_adapters
 from .interface import Draft, DraftItem, RoleInfo, ScoreItem
 from .kv_cache import ATTENTION, Session, SessionTable, SlotBatch, SlotKVCache
 
@@ -58,14 +60,14 @@ def slot_bytes(config, slot_length: int, dtype: torch.dtype) -> int:
 @dataclass
 class _Row:
     """One session's part of a forward pass: feed ``new`` after its cached tokens, keep the
-    log-probs of the last ``rows`` positions. ``slot``: the session's slot in the worker's
-    KV cache (its member's share, offset); ``adapter``: its member's PEFT adapter name."""
+    log-probs of the last ``rows`` positions. ``role``: the group member the row is for;
+    ``slot``: the session's slot in the worker's KV cache (its member's share, offset)."""
 
     session: Session
     new: Sequence[int]
     rows: int
+    role: str
     slot: int
-    adapter: str
 
 
 class RoleWorker:
@@ -138,7 +140,6 @@ class RoleWorker:
         self.tables = {m: SessionTable(slots, session_idle_s, clock) for m in members}
         self.sessions = self.tables[name]  # the model's own role's sessions
         self._offsets = {m: i * slots for i, m in enumerate(members)}  # each member's share of the slots
-        self._adapters = {m: (m if m in adapters else BASE_ADAPTER) for m in members} if adapters else {}
         self.computed_tokens = 0  # tokens run through the model: what cache reuse saves
         self.forward_seconds = 0.0  # wall time inside the model's forward: the compute bound
         self.forward_passes = 0
@@ -200,7 +201,7 @@ class RoleWorker:
         return sessions
 
     def _row(self, role: str, session: Session, new: Sequence[int], rows: int) -> _Row:
-        return _Row(session, new, rows, self._offsets[role] + session.slot, self._adapters.get(role, ""))
+        return _Row(session, new, rows, role, self._offsets[role] + session.slot)
 
     def _forward(self, work: Sequence[_Row]) -> list[torch.Tensor]:
         """Run every row's new tokens in as few passes as :func:`width_groups` allows; per row,
@@ -224,7 +225,7 @@ class RoleWorker:
         keep = max(1, max(width - w + r.rows for w, r in zip(widths, rows)))
         self.kv.begin(batch, slots)
         if self._lora_rows is not None:  # a group's pass: the base once, each adapter's update on its rows
-            self._lora_rows.segments = LoRARows.of([r.adapter for r in rows]).segments
+            self._lora_rows.segments = LoRARows.of([r.role for r in rows], base=self.info.name).segments
         started = time.perf_counter()
         logits = self.model(
             input_ids=ids.to(self.device),

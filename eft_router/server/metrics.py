@@ -12,7 +12,7 @@ from typing import Awaitable, Sequence, TypeVar
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..roles.interface import Draft, DraftItem, Role, ScoreItem
+from ..roles.interface import Draft, DraftItem, Role, ScoreItem, backend_name
 
 T = TypeVar("T")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -57,8 +57,8 @@ class TimedRole:
         self.role = role
         self.info = role.info
         self.infos = role.infos
-        name = "+".join(role.infos)  # a co-served group's calls carry all its roles' items
-        self._timers = {call: metrics.role_latency.labels(name, call) for call in ("score", "draft", "release")}
+        # a co-served group's calls carry all its roles' items: labelled by all of them
+        self._timers = {call: metrics.role_latency.labels(backend_name(role), call) for call in ("score", "draft", "release")}
 
     async def _timed(self, call: str, result: Awaitable[T]) -> T:
         started = time.perf_counter()
