@@ -12,6 +12,10 @@ step several times base_small's) and makes the drafter a good approximation of t
 target, as a chat model is of its up-scaled self: the base models are nearly flat (small
 init), so ``l_large - l_small`` is a small correction to ``ft_small``'s peaked distribution.
 
+The "overlap EFT" rows draft the next block while this one is verified; in one process the
+roles take turns on one compute thread, so they show its cost here (the discarded drafts),
+and bench_serve.py --overlap its gain, where drafter and verifiers are separate deployments.
+
 The "perfect drafter" rows run speculative decoding with the drafter's own distribution as
 the target while still calling every role: every draft is accepted, so they show how far a
 better drafter could go with these models' costs, and split a shortfall of the speculative
@@ -159,6 +163,7 @@ def main() -> None:
         "plain EFT": (EFTSpec(), SpeculativeParams()),
         **{f"speculative EFT k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence)) for k in ks},
         **{f"adaptive EFT k<={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence, adaptive=True)) for k in ks if k in (4, 8)},
+        **{f"overlap EFT k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence, overlap=True)) for k in ks if k in (4, 8)},
         **{f"perfect drafter k={k}": (PERFECT_DRAFTER, SpeculativeParams(k=k)) for k in ks},
     }
     warm_up = replace(sampling, max_new_tokens=8)
@@ -187,7 +192,7 @@ def main() -> None:
     small_speedup = tps["ft_small alone"] / tps["base_large alone"]
     print()
     print(f"ft_small alone over base_large alone: {small_speedup:.2f}x")
-    for kind in ("speculative EFT", "adaptive EFT", "perfect drafter"):
+    for kind in ("speculative EFT", "adaptive EFT", "overlap EFT", "perfect drafter"):
         best = max((n for n in tps if n.startswith(kind)), key=tps.get, default=None)
         if best is None:
             continue

@@ -370,6 +370,31 @@ def test_a_batch_of_mixed_blocks_settles_each_as_alone() -> None:
             assert got[b] == alone, (trial, b, k)
 
 
+def test_a_block_without_a_bonus_ends_at_its_last_accepted_draft() -> None:
+    """``bonus`` false (the overlapped pipeline's blocks): every outcome is the one with a
+    bonus, less the bonus token when all drafts are accepted, so its law is the law above
+    with the bonus summed out (exact too), and a rejected block is untouched."""
+    g = torch.Generator().manual_seed(4)
+    vocab, kmax, ended = 6, 4, 0
+    for trial in range(40):
+        ks = torch.randint(1, kmax + 1, (8,), generator=g).tolist()
+        batch = len(ks)
+        p = sampling_probs(torch.randn(batch, kmax + 1, vocab, generator=g), [0.0, 1.0][trial % 2])
+        q = sampling_probs(torch.randn(batch, kmax, vocab, generator=g) + 2 * p[:, :kmax], [0.0, 1.0][trial % 2])
+        drafts = torch.stack([torch.multinomial(q[b], 1, generator=g).squeeze(-1) for b in range(batch)])
+        us = torch.rand(batch, kmax + 1, generator=g, dtype=torch.float64)
+        bonus = torch.rand(batch, generator=g) < 0.5
+        with_bonus = accept_blocks(p, q, drafts, torch.tensor(ks), us[:, :kmax], us[:, kmax])
+        got = accept_blocks(p, q, drafts, torch.tensor(ks), us[:, :kmax], us[:, kmax], bonus=bonus)
+        for b, k in enumerate(ks):
+            want = with_bonus[b]
+            if not bonus[b] and want.accepted == k:
+                want = BlockOutcome(want.tokens[:k], k)
+                ended += 1
+            assert got[b] == want, (trial, b, k)
+    assert ended > 20  # the no-bonus ending really happened
+
+
 # -- greedy --------------------------------------------------------------------------------
 
 

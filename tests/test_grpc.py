@@ -132,6 +132,11 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(client, engine):
     speculative = SpeculativeParams(k=6, adaptive=True)
     g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative)))
     assert list(adaptive.token_ids) == g.token_ids and adaptive.stats.drafted_tokens == g.stats.drafted_tokens
+    # and overlapped drafting
+    overlapped = client.generate("w1 w2", temperature=1.0, seed=7, max_tokens=12, k=3, overlap=True)
+    speculative = SpeculativeParams(k=3, overlap=True)
+    g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative)))
+    assert list(overlapped.token_ids) == g.token_ids and overlapped.stats.drafted_tokens == g.stats.drafted_tokens
 
 
 def test_score_equals_the_engine(client, engine):

@@ -230,6 +230,7 @@ BAD = {
     "drafter": ({"speculative": {"k": 2, "drafter": "ft_nope"}}, "speculative.drafter"),
     "confidence": ({"speculative": {"confidence": 2}}, "speculative.confidence"),
     "adaptive": ({"speculative": {"k": 2, "adaptive": "sometimes"}}, "speculative.adaptive"),
+    "overlap": ({"speculative": {"k": 2, "overlap": 3}}, "speculative.overlap"),
     "unknown_field": ({"frobnicate": 1}, "frobnicate"),
     "penalty": ({"frequency_penalty": 0.5}, "frequency_penalty"),
     "stop_token_id": ({"stop_token_ids": [-3]}, "stop_token_ids[0]"),

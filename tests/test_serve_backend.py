@@ -33,10 +33,11 @@ def ids(engine, text):
 # -- Serve backend == in-process backend -------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [0, 4])
-def test_greedy_generation_equals_in_process(serve_engine, engine, k):
+@pytest.mark.parametrize("speculative", [SpeculativeParams(), SpeculativeParams(k=4), SpeculativeParams(k=4, overlap=True)], ids=["plain", "k4", "k4-overlap"])
+def test_greedy_generation_equals_in_process(serve_engine, engine, speculative):
+    """Overlapped drafting runs the drafter's and the verifiers' deployments at once here."""
     for prompt in PROMPTS:
-        kwargs = dict(sampling=GREEDY, speculative=SpeculativeParams(k=k))
+        kwargs = dict(sampling=GREEDY, speculative=speculative)
         local = asyncio.run(engine.generate(GenerationRequest(ids(engine, prompt), **kwargs)))
         remote = asyncio.run(serve_engine.generate(GenerationRequest(ids(engine, prompt), **kwargs)))
         assert remote.token_ids == local.token_ids, prompt

@@ -158,11 +158,12 @@ def setup(tiny_vocab_engine, hf_models):
 
 
 def check(
-    setup, config: str, n: int, k: int, confidence: float = 0.0, adaptive: bool = False, max_new: int = MAX_NEW
+    setup, config: str, n: int, k: int, confidence: float = 0.0, adaptive: bool = False, max_new: int = MAX_NEW,
+    overlap: bool = False,
 ) -> tuple[float, float, float]:
     """G-test p-value, acceptance rate and drafts per block of n samples of ``max_new`` tokens."""
     engine, prompt, laws = setup
-    speculative = SpeculativeParams(k=k, confidence=confidence, adaptive=adaptive)
+    speculative = SpeculativeParams(k=k, confidence=confidence, adaptive=adaptive, overlap=overlap)
     counts, rate, drafts, per_sample = engine_samples(engine, prompt, n, speculative, CONFIGS[config][0], max_new)
     pvalue = g_test(counts, laws[config] if max_new == MAX_NEW else laws[(config, max_new)])
     print(f"{config} {speculative} n={n}: G-test p = {pvalue:.3g}, acceptance rate {rate:.3f}, "
@@ -204,6 +205,19 @@ def test_adaptive_block_size_keeps_the_law(setup, config: str) -> None:
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
+def test_overlapped_drafting_keeps_the_law(setup, config: str) -> None:
+    """Drafting the next block while this one is verified (k = 2 over 5 new tokens: the
+    first block verifies its 2 drafts and the continuation's first token, whose other
+    token, when all 3 are accepted, is the next block's draft) keeps the output law. More
+    drafts per block than the plain chain's shows the continuations were verified."""
+    pvalue, rate, drafts = check(setup, config, CONFIGS[config][1], k=2, max_new=ADAPTIVE_NEW, overlap=True)
+    assert 0.1 < rate < 0.9, rate
+    chain = check(setup, config, 2_000, k=2, max_new=ADAPTIVE_NEW)[2]
+    assert drafts > chain, (drafts, chain)
+    assert pvalue > 1e-3
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
 def test_plain_eft_output_law_is_the_eft_law(setup, config: str) -> None:
     pvalue, _, _ = check(setup, config, N_PLAIN, k=0)
     assert pvalue > 1e-3
@@ -229,11 +243,14 @@ def test_the_law_has_enough_cells(setup) -> None:
 def per_block(rule: Callable) -> Callable:
     """A rule for one block as a drop-in for ``accept_blocks`` (each row in turn)."""
 
-    def batched(target, draft_probs, draft_tokens, num_drafts, accept_uniforms, final_uniforms) -> list[BlockOutcome]:
-        return [
-            rule(target[b], draft_probs[b], draft_tokens[b, :n].tolist(), accept_uniforms[b].tolist(), float(final_uniforms[b]))
-            for b, n in enumerate(num_drafts.tolist())
-        ]
+    def batched(target, draft_probs, draft_tokens, num_drafts, accept_uniforms, final_uniforms, bonus=None) -> list[BlockOutcome]:
+        out = []
+        for b, n in enumerate(num_drafts.tolist()):
+            o = rule(target[b], draft_probs[b], draft_tokens[b, :n].tolist(), accept_uniforms[b].tolist(), float(final_uniforms[b]))
+            if bonus is not None and not bool(bonus[b]) and o.accepted == n:  # a block that ends at its last draft
+                o = BlockOutcome(o.tokens[:n], n)
+            out.append(o)
+        return out
 
     return batched
 
@@ -262,8 +279,9 @@ def test_wrong_acceptance_rules_are_detected(setup, monkeypatch, rule: Callable)
     assert pvalue < 1e-6
 
 
-def test_the_adaptive_test_has_power(setup, monkeypatch) -> None:
-    """The 5-token law of the adaptive test rejects the subtly wrong rule too."""
+@pytest.mark.parametrize("speculative", [dict(k=3, adaptive=True), dict(k=2, overlap=True)], ids=["adaptive", "overlap"])
+def test_the_5_token_tests_have_power(setup, monkeypatch, speculative: dict) -> None:
+    """The 5-token law of the adaptive and overlapped tests rejects the subtly wrong rule too."""
     monkeypatch.setattr(engine_module, "accept_blocks", per_block(residual_is_target))
-    pvalue, _, _ = check(setup, "T1", N_WRONG, k=3, adaptive=True, max_new=ADAPTIVE_NEW)
+    pvalue, _, _ = check(setup, "T1", N_WRONG, max_new=ADAPTIVE_NEW, **speculative)
     assert pvalue < 1e-6

@@ -22,9 +22,9 @@ SPECS = {
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
 
 
-def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, **kwargs):
+def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, overlap=False, **kwargs):
     ids = prompt if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
-    speculative = SpeculativeParams(k=k, confidence=confidence)
+    speculative = SpeculativeParams(k=k, confidence=confidence, overlap=overlap)
     return asyncio.run(engine.generate(GenerationRequest(ids, eft=eft, sampling=sampling, speculative=speculative, **kwargs)))
 
 
@@ -33,20 +33,24 @@ def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, **k
 def test_greedy_speculative_equals_plain(engine, prompt, spec):
     """Plain and every speculative variant of one request, all at once (they share steps)."""
     ids = engine.tokenizer(prompt)["input_ids"]
-    variants = [(0, 0.0, False), (1, 0.0, False), (2, 0.0, False), (4, 0.0, False), (8, 0.0, False), (4, 0.2, False),
-                (8, 0.3, False), (4, 0.0, True), (8, 0.3, True)]
+    # (k, confidence, adaptive, overlap)
+    variants = [(0, 0.0, False, False), (1, 0.0, False, False), (2, 0.0, False, False), (4, 0.0, False, False),
+                (8, 0.0, False, False), (4, 0.2, False, False), (8, 0.3, False, False), (4, 0.0, True, False),
+                (8, 0.3, True, False), (1, 0.0, False, True), (4, 0.0, False, True), (8, 0.3, False, True),
+                (4, 0.0, True, True), (8, 0.3, True, True)]
 
     async def all_at_once():
         requests = [
-            GenerationRequest(ids, eft=SPECS[spec], sampling=GREEDY, speculative=SpeculativeParams(k=k, confidence=c, adaptive=a))
-            for k, c, a in variants
+            GenerationRequest(ids, eft=SPECS[spec], sampling=GREEDY,
+                              speculative=SpeculativeParams(k=k, confidence=c, adaptive=a, overlap=o))
+            for k, c, a, o in variants
         ]
         return await asyncio.gather(*map(engine.generate, requests))
 
     plain, *fast = asyncio.run(all_at_once())
     assert plain.stats.blocks == len(plain.token_ids)  # plain: one token per step
-    for (k, confidence, adaptive), out in zip(variants[1:], fast):
-        assert out.token_ids == plain.token_ids, f"k={k}, confidence={confidence}, adaptive={adaptive}"
+    for variant, out in zip(variants[1:], fast):
+        assert out.token_ids == plain.token_ids, f"(k, confidence, adaptive, overlap) = {variant}"
         assert out.text == plain.text and out.finish_reason == plain.finish_reason
         assert out.stats.blocks <= plain.stats.blocks
 
@@ -87,21 +91,23 @@ def test_speculation_accepts_and_rejects(engine):
     assert sum(s.drafted_tokens - s.accepted_tokens for s in stats) > 0
 
 
-def test_shared_prefix_with_a_live_session_and_multi_turn(engine):
+@pytest.mark.parametrize("overlap", [False, True], ids=["chain", "overlap"])
+def test_shared_prefix_with_a_live_session_and_multi_turn(engine, overlap):
     """A new session whose prompt shares a prefix with a cached session starts from a copy of
-    that cache; a follow-up turn in the same session extends its own cache. Both must give
-    exactly what a cold start gives."""
+    that cache; a follow-up turn in the same session extends its own cache (whose drafter
+    side, with overlap, holds drafts past the turn's end). Both must give exactly what a
+    cold start gives."""
     first = engine.tokenizer("w1 w2 w3 w4 w5 w6")["input_ids"]
     cold = {k: run(engine, first + [20, 21], k=k) for k in (0, 3)}
-    run(engine, first, k=3, session_id="turn", keep_session=True)  # leaves session "turn" cached
+    run(engine, first, k=3, session_id="turn", keep_session=True, overlap=overlap)  # leaves session "turn" cached
     worker = engine.roles["base_large"].worker
     assert "turn" in worker.sessions
     for k in (0, 3):
-        assert run(engine, first + [20, 21], k=k).token_ids == cold[k].token_ids
-    one = run(engine, first, k=3, session_id="turn", keep_session=True)
+        assert run(engine, first + [20, 21], k=k, overlap=overlap).token_ids == cold[k].token_ids
+    one = run(engine, first, k=3, session_id="turn", keep_session=True, overlap=overlap)
     follow = first + one.token_ids + [22, 23]
     cold_follow = run(engine, follow, k=3)
-    assert run(engine, follow, k=3, session_id="turn").token_ids == cold_follow.token_ids
+    assert run(engine, follow, k=3, session_id="turn", overlap=overlap).token_ids == cold_follow.token_ids
     assert "turn" not in worker.sessions  # released at the end of the last turn
 
 
@@ -112,9 +118,9 @@ def test_stop_token_in_the_middle_of_a_block(engine):
     first = plain.token_ids.index(stop_at)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=40, stop_token_ids=(stop_at,))
     expected = plain.token_ids[: first + 1]
-    for k in (0, 2, 4, 8):
-        out = run(engine, PROMPTS[0], sampling=sampling, k=k)
-        assert out.token_ids == expected, f"k={k}"
+    for k, overlap in ((0, False), (2, False), (4, False), (8, False), (2, True), (4, True), (8, True)):
+        out = run(engine, PROMPTS[0], sampling=sampling, k=k, overlap=overlap)
+        assert out.token_ids == expected, f"k={k}, overlap={overlap}"
         assert out.finish_reason == "stop"
 
 
@@ -152,14 +158,14 @@ def test_stop_string_and_max_tokens_in_the_middle_of_a_block(engine):
     stop = f"{words[3]} {words[4]}"
     cut = plain.text.index(stop)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=40, stop=(stop,))
-    for k in (0, 3, 8):
-        out = run(engine, PROMPTS[0], sampling=sampling, k=k)
-        assert out.text == plain.text[:cut], f"k={k}"
+    for k, overlap in ((0, False), (3, False), (8, False), (3, True), (8, True)):
+        out = run(engine, PROMPTS[0], sampling=sampling, k=k, overlap=overlap)
+        assert out.text == plain.text[:cut], f"k={k}, overlap={overlap}"
         assert out.finish_reason == "stop"
     short = SamplingParams(temperature=0.0, max_new_tokens=7)
-    for k in (0, 3, 8):
-        out = run(engine, PROMPTS[0], sampling=short, k=k)
-        assert out.token_ids == plain.token_ids[:7] and out.finish_reason == "length"
+    for k, overlap in ((0, False), (3, False), (8, False), (1, True), (3, True), (8, True)):
+        out = run(engine, PROMPTS[0], sampling=short, k=k, overlap=overlap)
+        assert out.token_ids == plain.token_ids[:7] and out.finish_reason == "length", f"k={k}, overlap={overlap}"
 
 
 def test_stream_yields_blocks_that_add_up(engine):
@@ -174,3 +180,60 @@ def test_stream_yields_blocks_that_add_up(engine):
     assert all(c.finish_reason is None for c in chunks[:-1]) and chunks[-1].finish_reason == whole.finish_reason
     assert len(chunks) == whole.stats.blocks
     assert all(1 <= len(c.token_ids) <= 5 for c in chunks)
+
+
+class Recording:
+    """A role that logs when each of its calls starts and ends, in one log for all roles."""
+
+    def __init__(self, role, log: list) -> None:
+        self.role, self.log = role, log
+        self.info, self.infos = role.info, role.infos
+
+    async def _logged(self, call: str, items):
+        self.log.append(("start", call))
+        try:
+            return await getattr(self.role, call)(items)
+        finally:
+            self.log.append(("end", call))
+
+    async def score(self, items):
+        return await self._logged("score", items)
+
+    async def draft(self, items):
+        return await self._logged("draft", items)
+
+    async def release(self, session_ids):
+        await self.role.release(session_ids)
+
+    async def probe(self, timeout_s):
+        await self.role.probe(timeout_s)
+
+
+def test_overlap_drafts_the_next_block_while_this_one_is_verified(engine):
+    """With a drafter that is always right (the target is its own distribution), every block
+    after the first has its drafts already: each step's only draft call runs while the
+    verifying roles score, where the chain drafts first and scores after, every step."""
+    perfect = EFTSpec(preset="linear", coefficients={"ft_small": 1.0, "base_large": 0.0, "base_small": 0.0})
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    sampling = SamplingParams(temperature=1.0, seed=1, max_new_tokens=30, ignore_eos=True)
+    seen = {}
+    for overlap in (False, True):
+        log: list = []
+        recorded = Engine({r: Recording(role, log) for r, role in engine.roles.items()}, engine.tokenizer)
+        request = GenerationRequest(ids, eft=perfect, sampling=sampling, speculative=SpeculativeParams(k=4, overlap=overlap))
+        out = asyncio.run(recorded.generate(request))
+        assert out.stats.accepted_tokens == out.stats.drafted_tokens  # all accepted
+        scoring, alone, alongside = 0, 0, 0
+        for event, call in log:
+            if event == "start" and call == "draft":
+                alongside += scoring > 0
+                alone += scoring == 0
+            if call == "score":
+                scoring += 1 if event == "start" else -1
+        seen[overlap] = (out.token_ids, out.stats.blocks, alone, alongside)
+    chain, overlapped = seen[False], seen[True]
+    assert chain[2] == chain[1] and chain[3] == 0  # chain: every block drafts, then scores
+    # overlap: one draft before the first block's scores; every later draft alongside them
+    assert overlapped[2] == 1 and overlapped[3] == overlapped[1] - 1, overlapped
+    # the same number of blocks: the continuation's first token stands in for the bonus
+    assert overlapped[1] == chain[1]

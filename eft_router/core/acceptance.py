@@ -3,7 +3,10 @@
 Draft token x_t ~ q_t is accepted with probability min(1, p_t(x_t) / q_t(x_t)); at the first
 rejection the replacement is drawn from normalize(max(0, p_t - q_t)) and the block ends; if
 every draft token is accepted a bonus token is drawn from p_{k+1}. The emitted tokens are then
-distributed exactly as sampling from p token by token. With one-hot (greedy) p and q the rule
+distributed exactly as sampling from p token by token. A block may also end at its last
+accepted draft, with no bonus (the overlapped pipeline verifies the next block's first draft
+at the bonus position instead): each emitted token is still p-distributed given the ones
+before it, and stopping after any of them keeps that. With one-hot (greedy) p and q the rule
 reduces to "accept while the draft equals argmax p, then emit argmax p".
 
 :func:`accept_blocks` settles the blocks of every request of a step at once. Blocks have
@@ -35,13 +38,16 @@ def accept_blocks(
     num_drafts: torch.Tensor,
     accept_uniforms: torch.Tensor,
     final_uniforms: torch.Tensor,
+    bonus: torch.Tensor | None = None,
 ) -> list[BlockOutcome]:
     """Verify B blocks of up to K drafts.
 
     ``target``: p at positions 1..K+1 ``[B, K+1, V]``; ``draft_probs``: q at positions 1..K
     ``[B, K, V]``; ``draft_tokens`` ``[B, K]`` (long) sampled from q; ``num_drafts`` ``[B]``:
     how many of them row b has (the rest is padding); ``accept_uniforms`` ``[B, K]`` (one per
-    draft, for its acceptance test) and ``final_uniforms`` ``[B]`` (the replacement or bonus).
+    draft, for its acceptance test) and ``final_uniforms`` ``[B]`` (the replacement or bonus);
+    ``bonus`` ``[B]`` (bool, default all true): whether a block whose drafts are all accepted
+    draws a bonus token (``target`` needs row ``num_drafts`` only where it does).
     """
     batch, k = draft_tokens.shape
     rows = torch.arange(batch)
@@ -60,6 +66,8 @@ def accept_blocks(
         # p == q up to rounding: rejection had probability 0, the residual is empty
         usable = was_rejected & (residual.sum(-1) > 0)
         final = torch.where(usable.unsqueeze(-1), residual, final)
+    ends = ~was_rejected & ~(torch.ones(batch, dtype=torch.bool) if bonus is None else bonus)
+    final = torch.where(ends.unsqueeze(-1), 1.0, final)  # no bonus drawn: any valid row, its sample unused
     last = sample_from(final, final_uniforms).tolist()
-    drafts, firsts = draft_tokens.tolist(), first.tolist()
-    return [BlockOutcome(drafts[b][: firsts[b]] + [last[b]], firsts[b]) for b in range(batch)]
+    drafts, firsts, no_bonus = draft_tokens.tolist(), first.tolist(), ends.tolist()
+    return [BlockOutcome(drafts[b][: firsts[b]] + ([] if no_bonus[b] else [last[b]]), firsts[b]) for b in range(batch)]

@@ -268,12 +268,24 @@ class SpeculativeParams:
     which starts at ``k``, grows by 2 after a block whose drafts were all accepted and
     shrinks by 1 (to at least 1) after one with a rejection (Hugging Face's
     ``num_assistant_tokens`` heuristic). A block's size depends only on earlier blocks, so the
-    output stays exactly EFT-distributed."""
+    output stays exactly EFT-distributed.
+
+    ``overlap`` drafts the next block while this one is verified (PEARL's post-verify,
+    Liu et al. 2024): the drafter continues from this block's drafts, assuming they are all
+    accepted, while the other roles score them. The continuation's first token is then
+    verified at this block's bonus position (instead of sampling a bonus there), and when it
+    is accepted the rest is the next block's drafts, already drafted: a step costs the
+    *maximum* of drafting and verifying, not their sum, where the two run on different
+    machines (Serve deployments). On a rejection the continuation is discarded (only drafter
+    time is lost) and the next block drafts afresh. Every token is still accepted or resampled
+    by the exact rule, so the output stays exactly EFT-distributed; in one process, where the
+    roles take turns on one compute thread, it only adds the discarded drafts' cost."""
 
     k: int = 0
     drafter: str | None = None
     confidence: float = 0.0
     adaptive: bool = False
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         _int("speculative.k", self.k, 0, MAX_SPECULATIVE_K)
@@ -281,5 +293,6 @@ class SpeculativeParams:
             raise SpecError("speculative.confidence", f"must be in [0, 1], got {self.confidence}")
         if self.drafter is not None and (not isinstance(self.drafter, str) or not self.drafter):
             raise SpecError("speculative.drafter", f"must be a role name, got {self.drafter!r}")
-        if not isinstance(self.adaptive, bool):
-            raise SpecError("speculative.adaptive", f"must be true or false, got {self.adaptive!r}")
+        for name in ("adaptive", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"speculative.{name}", f"must be true or false, got {getattr(self, name)!r}")

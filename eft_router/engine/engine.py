@@ -71,7 +71,9 @@ class StepStats:
 @dataclass
 class _Block:
     """A generation's block in this step: its drafts, every role's rows ``[n + 1, V]`` at the
-    block's positions, and the uniforms drawn for it."""
+    block's positions, and the uniforms drawn for it. With overlapped speculation, ``ahead``
+    tokens are drafted past the block while it is verified (``next``): the first of them is
+    verified at the block's bonus position, the rest become the next block's drafts."""
 
     request: GenerationState
     k: int
@@ -79,10 +81,46 @@ class _Block:
     draft: Draft | None = None
     rows: dict[str, torch.Tensor] | None = None
     also: tuple[str, ...] = ()  # roles whose rows come with the draft (the drafter's group)
+    fresh: bool = True  # drafted in this step (else drafted ahead in the last one)
+    ahead: int = 0
+    next: Draft | None = None
+    accept_at: int = 0  # where the acceptance tests' uniforms start
+
+    @classmethod
+    def of(cls, request: GenerationState) -> "_Block":
+        """The request's next block, with its uniforms drawn in a fixed order from its own
+        generator: the drafts' (when drafted now), the continuation's, one acceptance test per
+        draft (and for the continuation's first token), then the replacement or bonus."""
+        ahead = request.ahead
+        request.ahead = None
+        k = len(ahead.tokens) if ahead is not None else request.next_k()
+        m = request.ahead_k(k) if ahead is None or request.ahead_full else 0
+        accept_at = (k if ahead is None else 0) + m
+        n = accept_at + k + (1 if request.request.speculative.overlap else 0) + 1
+        u = torch.rand(n, generator=request.generator, dtype=torch.float64).tolist()
+        return cls(request, k, u, draft=ahead, fresh=ahead is None, ahead=m, accept_at=accept_at)
 
     @property
     def tokens(self) -> list[int]:
         return self.draft.tokens if self.draft is not None else []
+
+    @property
+    def verified(self) -> list[int]:
+        """The tokens this block verifies: its drafts, and the continuation's first token."""
+        return self.tokens + (self.next.tokens[:1] if self.next is not None else [])
+
+    def draft_uniforms(self) -> list[float]:
+        return self.uniforms[: self.k] if self.fresh else []
+
+    def ahead_uniforms(self) -> list[float]:
+        start = self.k if self.fresh else 0
+        return self.uniforms[start : start + self.ahead]
+
+    def accept_uniforms(self) -> list[float]:
+        return self.uniforms[self.accept_at : self.accept_at + len(self.verified)]
+
+    def final_uniform(self) -> float:
+        return self.uniforms[-1]
 
 
 class Engine:
@@ -116,6 +154,7 @@ class Engine:
         self.scheduler = Scheduler(config, min(role.info.kv_slots for role in roles.values()))
         self.steps = 0
         self.role_calls: Counter[tuple[str, str]] = Counter()  # (role, call) -> calls made
+        self.call_seconds: Counter[tuple[str, str]] = Counter()  # (role, call) -> seconds they took, all told
         self.on_step = on_step
         self._task: asyncio.Task | None = None
         self._wakeup: asyncio.Event | None = None
@@ -312,7 +351,11 @@ class Engine:
 
     async def _call(self, name: str, backend: Role, call: str, items: list) -> Any:
         self.role_calls[(name, call)] += 1
-        return await getattr(backend, call)(items)
+        started = time.perf_counter()
+        try:
+            return await getattr(backend, call)(items)
+        finally:
+            self.call_seconds[(name, call)] += time.perf_counter() - started
 
     async def _release(self, sessions: Mapping[str, list[str]]) -> None:
         """Best effort: a role that cannot be reached keeps the caches until its LRU bound or
@@ -375,18 +418,16 @@ class Engine:
         self._leaving = plan.leaving
         releasing = asyncio.ensure_future(self._release(self._sessions_to_release(plan.leaving)))
         try:
-            blocks = []
-            for w in plan.work:
-                if w.block and isinstance(w.request, GenerationState):
-                    k = w.request.next_k()
-                    u = torch.rand(2 * k + 1, generator=w.request.generator, dtype=torch.float64).tolist()
-                    blocks.append(_Block(w.request, k, u))
+            blocks = [
+                _Block.of(w.request) for w in plan.work if w.block and isinstance(w.request, GenerationState)
+            ]
             drafting: dict[str, list] = {}
             for b in blocks:
                 if b.k:
                     # the drafter's group also computes its co-served roles' rows while drafting
                     b.also = self._co_served(b.request.drafter, b.request.plan.roles)
-                    item = DraftItem(b.request.session_id, b.request.context, b.k, b.request.draft, b.uniforms[: b.k], also=b.also)
+                if b.k and b.fresh:
+                    item = DraftItem(b.request.session_id, b.request.context, b.k, b.request.draft, b.draft_uniforms(), also=b.also)
                     drafting.setdefault(b.request.drafter, []).append((b.request, item))
             drafts = await self._calls(drafting, "draft")
             scoring: dict[str, list] = {}
@@ -401,17 +442,27 @@ class Engine:
                 elif not w.block:  # a prefill chunk: fill every role's cache, no rows
                     for role in request.roles:
                         scoring.setdefault(role, []).append((request, ScoreItem(request.session_id, request.context[: w.end], 0)))
+            ahead: dict[str, list] = {}  # overlapped speculation: drafting past the blocks being verified
             for b in blocks:
                 request = b.request
                 if request.finished:
                     continue
-                if b.k:
+                if b.fresh and b.k:
                     b.draft = drafts[request][request.drafter]
+                    if len(b.tokens) < b.k:  # the drafter stopped unsure or at a stop: nothing to draft ahead
+                        b.ahead = 0
                 block = request.context + b.tokens
+                if b.tokens and b.tokens[-1] in request.draft.stop_ids:
+                    b.ahead = 0
+                if b.ahead:
+                    item = DraftItem(request.session_id, block, b.ahead, request.draft, b.ahead_uniforms(), also=b.also)
+                    ahead.setdefault(request.drafter, []).append((request, item))
                 for role in request.plan.roles:
                     if not b.k or (role != request.drafter and role not in b.also):
                         scoring.setdefault(role, []).append((request, ScoreItem(request.session_id, block, len(b.tokens) + 1)))
-            scores = await self._calls(scoring, "score")
+            # verifying and drafting ahead at once: on separate deployments a step then costs
+            # the longer of the two, not their sum
+            scores, drafted = await asyncio.gather(self._calls(scoring, "score"), self._calls(ahead, "draft"))
             for w in plan.work:
                 if isinstance(w.request, ScoreState) and not w.request.finished:
                     for role, rows in scores[w.request].items():
@@ -422,6 +473,8 @@ class Engine:
                     if b.draft is not None:
                         b.rows[b.request.drafter] = b.draft.logprobs
                         b.rows.update(b.draft.others)
+                    if b.ahead:
+                        b.next = drafted[b.request][b.request.drafter]
             return [b for b in blocks if not b.request.finished]
         finally:
             await releasing
@@ -454,7 +507,7 @@ class Engine:
         different lengths are padded and masked, each block with its own coefficients and
         sampling parameters. Returns the outcomes, and per block its targets and scores."""
         sizes = [len(b.tokens) + 1 for b in blocks]  # target rows: each draft's position and the bonus
-        drafts = [len(b.tokens) for b in blocks]
+        drafts = [len(b.verified) for b in blocks]  # the bonus position verifies a continuation's first token
         sampling = [b.request.request.sampling for b in blocks]
         params = ([s.temperature for s in sampling], [s.top_k for s in sampling], [s.top_p for s in sampling])
         # the target p at every position of every block
@@ -465,19 +518,24 @@ class Engine:
         ]
         scores = combine_rows(rows, plan_rows([b.request.plan for b in blocks], sizes, roles))
         target = sampling_probs(scores, *(_rows(t, sizes) for t in params))
-        # the drafters' q at the drafted positions
+        # the drafters' q at the drafted positions: what each verified token was sampled from
         k = max(drafts)
         q = target.new_zeros(0, self.vocab_size)
         if k:
-            q_rows = torch.cat([b.rows[b.request.drafter][:n] for b, n in zip(blocks, drafts) if n])
+            q_rows = torch.cat([
+                row for b, n in zip(blocks, drafts) if n
+                for row in (b.rows[b.request.drafter][: len(b.tokens)], b.next.logprobs[: n - len(b.tokens)] if b.next else None)
+                if row is not None
+            ])
             q = sampling_probs(q_rows, *(_rows(t, drafts) for t in params))
         outcomes = accept_blocks(
             _pad(target, sizes, k + 1),
             _pad(q, drafts, k),
-            torch.tensor([b.tokens + [0] * (k - len(b.tokens)) for b in blocks], dtype=torch.long).reshape(len(blocks), k),
+            torch.tensor([b.verified + [0] * (k - n) for b, n in zip(blocks, drafts)], dtype=torch.long).reshape(len(blocks), k),
             torch.tensor(drafts),
-            torch.tensor([b.uniforms[b.k : b.k + n] + [0.0] * (k - n) for b, n in zip(blocks, drafts)], dtype=torch.float64).reshape(len(blocks), k),
-            torch.tensor([b.uniforms[2 * b.k] for b in blocks], dtype=torch.float64),
+            torch.tensor([b.accept_uniforms() + [0.0] * (k - n) for b, n in zip(blocks, drafts)], dtype=torch.float64).reshape(len(blocks), k),
+            torch.tensor([b.final_uniform() for b in blocks], dtype=torch.float64),
+            bonus=torch.tensor([n == len(b.tokens) for b, n in zip(blocks, drafts)]),
         )
         return [(o.tokens, o.accepted) for o in outcomes], list(torch.split(target, sizes)), list(torch.split(scores, sizes))
 
@@ -486,9 +544,9 @@ class Engine:
         top = request.request.logprobs
         eft_lp = torch.log_softmax(scores[: len(tokens)], dim=-1) if top is not None else None
         stats.blocks += 1
-        stats.drafted_tokens += len(b.tokens)
+        stats.drafted_tokens += len(b.verified)
         stats.accepted_per_block.append(accepted)
-        request.adapt(len(b.tokens), accepted)
+        request.adapt(len(b.verified), accepted)
         chunk = StreamChunk(token_ids=[], text="")
         for t, token in enumerate(tokens):
             chunk.token_ids.append(token)
@@ -503,6 +561,11 @@ class Engine:
                 break
         request.context.extend(chunk.token_ids)
         stats.generated_tokens += len(chunk.token_ids)
+        if b.next is not None and accepted == len(b.verified) and stops.finish_reason is None and len(b.next.tokens) > 1:
+            # the continuation's first token was accepted: the rest is the next block's drafts
+            nxt = b.next
+            request.ahead = Draft(nxt.tokens[1:], nxt.logprobs[1:], {r: lp[1:] for r, lp in nxt.others.items()})
+            request.ahead_full = len(nxt.tokens) == b.ahead
         if stops.finish_reason is not None:
             chunk.finish_reason, chunk.stats = stops.finish_reason, stats
         if not request.cancelled:

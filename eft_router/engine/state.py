@@ -14,7 +14,7 @@ import torch
 
 from ..core.spec import CombinationPlan
 from ..core.stopping import StopChecker
-from ..roles.interface import DraftParams
+from ..roles.interface import Draft, DraftParams
 from .request import GenerationRequest, GenerationStats, ScoreRequest
 
 END = None  # the outbox's last item after a clean finish
@@ -56,14 +56,28 @@ class GenerationState(RequestState):
     stats: GenerationStats | None = None
     tv_role: str | None = None  # whose distribution diagnostics compare with the target
     block_k: int | None = None  # adaptive speculation: the current block size (None: k)
+    # overlapped speculation: the next block's drafts, drafted while the last block was
+    # verified; ``ahead_full``: the drafter drafted all it was asked (else it stopped unsure)
+    ahead: Draft | None = None
+    ahead_full: bool = False
 
     def next_k(self) -> int:
         """The next block's drafts: speculative k (adaptive: the current block size), but
         never past ``max_new_tokens`` (the block's last token is always the target's own)."""
         if self.drafter is None:
             return 0
-        left = self.request.sampling.max_new_tokens - len(self.stops.token_ids) - 1
-        return max(0, min(self._block_size(), left))
+        return max(0, min(self._block_size(), self._left() - 1))
+
+    def ahead_k(self, drafts: int) -> int:
+        """Overlapped speculation: the tokens to draft past a block of ``drafts`` while it is
+        verified: the block size plus the one verified at this block's bonus position, but no
+        more than the next block can emit within ``max_new_tokens`` (0 without ``overlap``)."""
+        if self.drafter is None or not self.request.speculative.overlap:
+            return 0
+        return max(0, min(self._block_size() + 1, self._left() - drafts - 1))
+
+    def _left(self) -> int:
+        return self.request.sampling.max_new_tokens - len(self.stops.token_ids)
 
     def _block_size(self) -> int:
         return self.request.speculative.k if self.block_k is None else self.block_k

@@ -127,8 +127,9 @@ def speculative_params(msg: pb.SpeculativeParams, default: SpeculativeParams) ->
         changes["drafter"] = msg.drafter
     if msg.HasField("confidence"):
         changes["confidence"] = msg.confidence
-    if msg.HasField("adaptive"):
-        changes["adaptive"] = msg.adaptive
+    for name in ("adaptive", "overlap"):
+        if msg.HasField(name):
+            changes[name] = getattr(msg, name)
     return replace(default, **changes) if changes else default
 
 
@@ -199,6 +200,7 @@ def generate_request(
     drafter: str = "",
     draft_confidence: float | None = None,
     adaptive: bool | None = None,
+    overlap: bool | None = None,
     diagnostics: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; arguments left None take the server's defaults."""
@@ -209,7 +211,7 @@ def generate_request(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens,
             stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
         ),
-        speculative=pb.SpeculativeParams(k=k, drafter=drafter, confidence=draft_confidence, adaptive=adaptive),
+        speculative=pb.SpeculativeParams(k=k, drafter=drafter, confidence=draft_confidence, adaptive=adaptive, overlap=overlap),
         diagnostics=diagnostics,
     )
 
