@@ -129,7 +129,7 @@ def _generate(args: argparse.Namespace, stack: ExitStack) -> None:
     params = dict(
         _eft(args), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         max_tokens=args.max_tokens, stop=args.stop, k=args.k, draft_confidence=args.draft_confidence,
-        adaptive=args.adaptive or None, overlap=args.overlap or None, diagnostics=args.json,
+        adaptive=args.adaptive or None, overlap=args.overlap or None, tree_width=args.tree_width, diagnostics=args.json,
     )
     prompt = _prompt(client, args, args.prompt)
     if args.json:
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--draft-confidence", type=float, default=None, help="end drafting before a token the drafter is less sure of (0: off)")
     gen.add_argument("--adaptive", action="store_true", help="adapt the block size to acceptance, k at most")
     gen.add_argument("--overlap", action="store_true", help="draft the next block while this one is verified")
+    gen.add_argument("--tree-width", type=int, default=None, help="branch into this many tokens where the drafter is unsure (needs --draft-confidence)")
     gen.add_argument("--json", action="store_true", help="one JSON object with statistics and diagnostics")
 
     score = sub.add_parser("score", help="per-token log-probs of a continuation")

@@ -173,11 +173,13 @@ class RoleDeployment:
         rows = self.worker.score(items)
         return _packed(rows), [len(r) for r in rows]
 
-    async def draft(self, route: str, items: Sequence[DraftItem]) -> tuple[list[list[int]], torch.Tensor]:
-        """Each item's drafted tokens, and all items' rows in one tensor (per item, the
-        drafter's rows, then those of each role in its ``also``)."""
+    async def draft(self, route: str, items: Sequence[DraftItem]) -> tuple[list[tuple], torch.Tensor]:
+        """Each item's drafted tokens (with a tree's parents and sampled flags), and all
+        items' rows in one tensor (per item, the drafter's rows, then those of each role in
+        its ``also``)."""
         drafts = self.worker.draft(items)
-        return [d.tokens for d in drafts], _packed([r for d, it in zip(drafts, items) for r in (d.logprobs, *(d.others[a] for a in it.also))])
+        shapes = [(d.tokens, d.parents, d.sampled) for d in drafts]
+        return shapes, _packed([r for d, it in zip(drafts, items) for r in (d.logprobs, *(d.others[a] for a in it.also))])
 
     async def release(self, route: str, session_ids: Sequence[str]) -> None:
         self.worker.release(list(session_ids))

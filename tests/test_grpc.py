@@ -137,6 +137,11 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(client, engine):
     speculative = SpeculativeParams(k=3, overlap=True)
     g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative)))
     assert list(overlapped.token_ids) == g.token_ids and overlapped.stats.drafted_tokens == g.stats.drafted_tokens
+    # and token trees
+    tree = client.generate("w1 w2", temperature=1.0, seed=7, max_tokens=12, k=3, draft_confidence=0.5, tree_width=3)
+    speculative = SpeculativeParams(k=3, confidence=0.5, tree_width=3)
+    g = asyncio.run(engine.generate(GenerationRequest(ids, sampling=SamplingParams(seed=7, max_new_tokens=12), speculative=speculative)))
+    assert list(tree.token_ids) == g.token_ids and tree.stats.drafted_tokens == g.stats.drafted_tokens
 
 
 def test_score_equals_the_engine(client, engine):

@@ -231,6 +231,8 @@ BAD = {
     "confidence": ({"speculative": {"confidence": 2}}, "speculative.confidence"),
     "adaptive": ({"speculative": {"k": 2, "adaptive": "sometimes"}}, "speculative.adaptive"),
     "overlap": ({"speculative": {"k": 2, "overlap": 3}}, "speculative.overlap"),
+    "tree_width": ({"speculative": {"k": 2, "tree_width": 9, "confidence": 0.5}}, "speculative.tree_width"),
+    "tree_without_confidence": ({"speculative": {"k": 2, "tree_width": 2}}, "speculative.tree_width"),
     "unknown_field": ({"frobnicate": 1}, "frobnicate"),
     "penalty": ({"frequency_penalty": 0.5}, "frequency_penalty"),
     "stop_token_id": ({"stop_token_ids": [-3]}, "stop_token_ids[0]"),

@@ -29,7 +29,7 @@ from scipy.stats import power_divergence
 from transformers import AutoModelForCausalLM
 
 import eft_router.engine.engine as engine_module
-from eft_router.core.acceptance import BlockOutcome
+from eft_router.core.acceptance import BlockOutcome, TreeOutcome, accept_tree
 from eft_router.core.combine import combine
 from eft_router.core.sampling import sample_from, sampling_probs
 from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
@@ -159,11 +159,11 @@ def setup(tiny_vocab_engine, hf_models):
 
 def check(
     setup, config: str, n: int, k: int, confidence: float = 0.0, adaptive: bool = False, max_new: int = MAX_NEW,
-    overlap: bool = False,
+    overlap: bool = False, tree_width: int = 0,
 ) -> tuple[float, float, float]:
     """G-test p-value, acceptance rate and drafts per block of n samples of ``max_new`` tokens."""
     engine, prompt, laws = setup
-    speculative = SpeculativeParams(k=k, confidence=confidence, adaptive=adaptive, overlap=overlap)
+    speculative = SpeculativeParams(k=k, confidence=confidence, adaptive=adaptive, overlap=overlap, tree_width=tree_width)
     counts, rate, drafts, per_sample = engine_samples(engine, prompt, n, speculative, CONFIGS[config][0], max_new)
     pvalue = g_test(counts, laws[config] if max_new == MAX_NEW else laws[(config, max_new)])
     print(f"{config} {speculative} n={n}: G-test p = {pvalue:.3g}, acceptance rate {rate:.3f}, "
@@ -214,6 +214,23 @@ def test_overlapped_drafting_keeps_the_law(setup, config: str) -> None:
     assert 0.1 < rate < 0.9, rate
     chain = check(setup, config, 2_000, k=2, max_new=ADAPTIVE_NEW)[2]
     assert drafts > chain, (drafts, chain)
+    assert pvalue > 1e-3
+
+
+TREE_CONFIDENCE = 0.5  # this drafter is below it at most positions: most blocks branch
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("width", [2, 4])
+def test_token_trees_keep_the_law(setup, config: str, width: int) -> None:
+    """Blocks that branch into the drafter's top ``width`` tokens where it is unsure, scored
+    as one tree and accepted by the multi-step rule, keep the output law. More accepted
+    drafts per block than the chain at the same confidence (which ends its drafts there)
+    shows the branches were verified and taken."""
+    pvalue, rate, drafts = check(setup, config, CONFIGS[config][1], k=2, confidence=TREE_CONFIDENCE, tree_width=width)
+    _, chain_rate, chain_drafts = check(setup, config, 2_000, k=2, confidence=TREE_CONFIDENCE)
+    assert drafts > chain_drafts + width / 2, (drafts, chain_drafts)  # most blocks branched
+    assert rate * drafts > 2 * chain_rate * chain_drafts, (rate * drafts, chain_rate * chain_drafts)
     assert pvalue > 1e-3
 
 
@@ -276,6 +293,22 @@ def residual_is_target(target, draft_probs, draft_tokens, accept_uniforms, final
 def test_wrong_acceptance_rules_are_detected(setup, monkeypatch, rule: Callable) -> None:
     monkeypatch.setattr(engine_module, "accept_blocks", per_block(rule))
     pvalue, _, _ = check(setup, "T1", N_WRONG, k=2)
+    assert pvalue < 1e-6
+
+
+def first_positive_branch(target, draft_probs, tokens, parents, sampled, accept_uniforms, final_uniform) -> TreeOutcome:
+    """Wrong: take the first branch whose token has p > 0, untested, then a bonus token."""
+    head = next((i for i, p in enumerate(parents) if p == -1 and float(target[0, tokens[i]]) > 0), None)
+    if head is None:
+        return accept_tree(target, draft_probs, tokens, parents, sampled, accept_uniforms, final_uniform)
+    return TreeOutcome([tokens[head], int(sample_from(target[head + 1], final_uniform))], 1, [0, head + 1])
+
+
+def test_the_tree_test_has_power(setup, monkeypatch) -> None:
+    """The tree test rejects a wrong multi-draft rule: taking the first branch whose token
+    has p > 0 instead of trying the branches in turn against the residual."""
+    monkeypatch.setattr(engine_module, "accept_tree", first_positive_branch)
+    pvalue, _, _ = check(setup, "T1", N_WRONG, k=2, confidence=TREE_CONFIDENCE, tree_width=2)
     assert pvalue < 1e-6
 
 

@@ -22,9 +22,9 @@ SPECS = {
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
 
 
-def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, overlap=False, **kwargs):
+def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, overlap=False, tree_width=0, **kwargs):
     ids = prompt if isinstance(prompt, list) else engine.tokenizer(prompt)["input_ids"]
-    speculative = SpeculativeParams(k=k, confidence=confidence, overlap=overlap)
+    speculative = SpeculativeParams(k=k, confidence=confidence, overlap=overlap, tree_width=tree_width)
     return asyncio.run(engine.generate(GenerationRequest(ids, eft=eft, sampling=sampling, speculative=speculative, **kwargs)))
 
 
@@ -33,24 +33,26 @@ def run(engine, prompt, sampling=GREEDY, k=0, eft=EFTSpec(), confidence=0.0, ove
 def test_greedy_speculative_equals_plain(engine, prompt, spec):
     """Plain and every speculative variant of one request, all at once (they share steps)."""
     ids = engine.tokenizer(prompt)["input_ids"]
-    # (k, confidence, adaptive, overlap)
-    variants = [(0, 0.0, False, False), (1, 0.0, False, False), (2, 0.0, False, False), (4, 0.0, False, False),
-                (8, 0.0, False, False), (4, 0.2, False, False), (8, 0.3, False, False), (4, 0.0, True, False),
-                (8, 0.3, True, False), (1, 0.0, False, True), (4, 0.0, False, True), (8, 0.3, False, True),
-                (4, 0.0, True, True), (8, 0.3, True, True)]
+    # (k, confidence, adaptive, overlap, tree width)
+    variants = [(0, 0.0, False, False, 0), (1, 0.0, False, False, 0), (2, 0.0, False, False, 0), (4, 0.0, False, False, 0),
+                (8, 0.0, False, False, 0), (4, 0.2, False, False, 0), (8, 0.3, False, False, 0), (4, 0.0, True, False, 0),
+                (8, 0.3, True, False, 0), (1, 0.0, False, True, 0), (4, 0.0, False, True, 0), (8, 0.3, False, True, 0),
+                (4, 0.0, True, True, 0), (8, 0.3, True, True, 0), (1, 0.3, False, False, 2), (4, 0.3, False, False, 2),
+                (4, 0.5, False, False, 4), (8, 0.3, False, False, 4), (4, 0.3, True, False, 2), (8, 0.3, False, True, 2),
+                (8, 0.5, True, True, 4)]
 
     async def all_at_once():
         requests = [
             GenerationRequest(ids, eft=SPECS[spec], sampling=GREEDY,
-                              speculative=SpeculativeParams(k=k, confidence=c, adaptive=a, overlap=o))
-            for k, c, a, o in variants
+                              speculative=SpeculativeParams(k=k, confidence=c, adaptive=a, overlap=o, tree_width=m))
+            for k, c, a, o, m in variants
         ]
         return await asyncio.gather(*map(engine.generate, requests))
 
     plain, *fast = asyncio.run(all_at_once())
     assert plain.stats.blocks == len(plain.token_ids)  # plain: one token per step
     for variant, out in zip(variants[1:], fast):
-        assert out.token_ids == plain.token_ids, f"(k, confidence, adaptive, overlap) = {variant}"
+        assert out.token_ids == plain.token_ids, f"(k, confidence, adaptive, overlap, tree width) = {variant}"
         assert out.text == plain.text and out.finish_reason == plain.finish_reason
         assert out.stats.blocks <= plain.stats.blocks
 
@@ -91,23 +93,25 @@ def test_speculation_accepts_and_rejects(engine):
     assert sum(s.drafted_tokens - s.accepted_tokens for s in stats) > 0
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["chain", "overlap"])
-def test_shared_prefix_with_a_live_session_and_multi_turn(engine, overlap):
+@pytest.mark.parametrize("overlap, tree", [(False, 0), (True, 0), (False, 4)], ids=["chain", "overlap", "tree"])
+def test_shared_prefix_with_a_live_session_and_multi_turn(engine, overlap, tree):
     """A new session whose prompt shares a prefix with a cached session starts from a copy of
     that cache; a follow-up turn in the same session extends its own cache (whose drafter
-    side, with overlap, holds drafts past the turn's end). Both must give exactly what a
-    cold start gives."""
+    side, with overlap, holds drafts past the turn's end; with trees, the last block's tree,
+    until the next call keeps its accepted path). Both must give exactly what a cold start
+    gives."""
+    spec = dict(overlap=overlap, tree_width=tree, confidence=0.5 if tree else 0.0)
     first = engine.tokenizer("w1 w2 w3 w4 w5 w6")["input_ids"]
     cold = {k: run(engine, first + [20, 21], k=k) for k in (0, 3)}
-    run(engine, first, k=3, session_id="turn", keep_session=True, overlap=overlap)  # leaves session "turn" cached
+    run(engine, first, k=3, session_id="turn", keep_session=True, **spec)  # leaves session "turn" cached
     worker = engine.roles["base_large"].worker
     assert "turn" in worker.sessions
     for k in (0, 3):
-        assert run(engine, first + [20, 21], k=k, overlap=overlap).token_ids == cold[k].token_ids
-    one = run(engine, first, k=3, session_id="turn", keep_session=True, overlap=overlap)
+        assert run(engine, first + [20, 21], k=k, **spec).token_ids == cold[k].token_ids
+    one = run(engine, first, k=3, session_id="turn", keep_session=True, **spec)
     follow = first + one.token_ids + [22, 23]
     cold_follow = run(engine, follow, k=3)
-    assert run(engine, follow, k=3, session_id="turn", overlap=overlap).token_ids == cold_follow.token_ids
+    assert run(engine, follow, k=3, session_id="turn", **spec).token_ids == cold_follow.token_ids
     assert "turn" not in worker.sessions  # released at the end of the last turn
 
 
@@ -118,9 +122,10 @@ def test_stop_token_in_the_middle_of_a_block(engine):
     first = plain.token_ids.index(stop_at)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=40, stop_token_ids=(stop_at,))
     expected = plain.token_ids[: first + 1]
-    for k, overlap in ((0, False), (2, False), (4, False), (8, False), (2, True), (4, True), (8, True)):
-        out = run(engine, PROMPTS[0], sampling=sampling, k=k, overlap=overlap)
-        assert out.token_ids == expected, f"k={k}, overlap={overlap}"
+    for k, overlap, tree in ((0, False, 0), (2, False, 0), (4, False, 0), (8, False, 0), (2, True, 0), (4, True, 0),
+                             (8, True, 0), (4, False, 2), (8, False, 4)):
+        out = run(engine, PROMPTS[0], sampling=sampling, k=k, overlap=overlap, tree_width=tree, confidence=0.5 if tree else 0.0)
+        assert out.token_ids == expected, f"k={k}, overlap={overlap}, tree width {tree}"
         assert out.finish_reason == "stop"
 
 
@@ -158,9 +163,9 @@ def test_stop_string_and_max_tokens_in_the_middle_of_a_block(engine):
     stop = f"{words[3]} {words[4]}"
     cut = plain.text.index(stop)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=40, stop=(stop,))
-    for k, overlap in ((0, False), (3, False), (8, False), (3, True), (8, True)):
-        out = run(engine, PROMPTS[0], sampling=sampling, k=k, overlap=overlap)
-        assert out.text == plain.text[:cut], f"k={k}, overlap={overlap}"
+    for k, overlap, tree in ((0, False, 0), (3, False, 0), (8, False, 0), (3, True, 0), (8, True, 0), (4, False, 4)):
+        out = run(engine, PROMPTS[0], sampling=sampling, k=k, overlap=overlap, tree_width=tree, confidence=0.5 if tree else 0.0)
+        assert out.text == plain.text[:cut], f"k={k}, overlap={overlap}, tree width {tree}"
         assert out.finish_reason == "stop"
     short = SamplingParams(temperature=0.0, max_new_tokens=7)
     for k, overlap in ((0, False), (3, False), (8, False), (1, True), (3, True), (8, True)):

@@ -71,3 +71,60 @@ def accept_blocks(
     last = sample_from(final, final_uniforms).tolist()
     drafts, firsts, no_bonus = draft_tokens.tolist(), first.tolist(), ends.tolist()
     return [BlockOutcome(drafts[b][: firsts[b]] + ([] if no_bonus[b] else [last[b]]), firsts[b]) for b in range(batch)]
+
+
+@dataclass(frozen=True)
+class TreeOutcome:
+    """``tokens``: the accepted path's tokens plus one corrected or bonus token; ``rows``:
+    the target row of each of them (0: the root's, i + 1: the row after node i)."""
+
+    tokens: list[int]
+    accepted: int
+    rows: list[int]
+
+
+def accept_tree(
+    target: torch.Tensor,
+    draft_probs: torch.Tensor,
+    tokens: list[int],
+    parents: list[int],
+    sampled: list[bool],
+    accept_uniforms: list[float],
+    final_uniform: float,
+) -> TreeOutcome:
+    """Verify one draft tree by SpecInfer's multi-step speculative sampling (Miao et al. 2024).
+
+    Node i holds ``tokens[i]``, a child of ``parents[i]`` (-1: the root, the block's first
+    position). ``target`` and ``draft_probs`` ``[n + 1, V]``: p and the drafter's q at the
+    root (row 0) and after each node (row i + 1). A ``sampled`` node was drawn from q at its
+    parent; the others are the drafter's top tokens, drawn from nothing: their q is a point
+    mass on themselves. From the root, the children of the current node are tried in turn:
+    child x is accepted with probability min(1, p(x) / q_x(x)); a rejection replaces p by
+    normalize(max(0, p - q_x)), the residual, for the next child. The first accepted child
+    becomes the current node; when none is, a token is drawn from the residual and the block
+    ends; at a leaf, a bonus token from its p. Each emitted token is then p-distributed given
+    the ones before it, as with one draft (a point mass is a draft drawn independently of
+    the target's randomness). Greedy p accepts the child that is its argmax.
+    """
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    path, node = [], -1
+    while True:
+        p = target[node + 1].double()
+        accepted = None
+        for child in children.get(node, []):
+            x = tokens[child]
+            q = draft_probs[node + 1].double() if sampled[child] else torch.nn.functional.one_hot(torch.tensor(x), p.shape[-1]).double()
+            if accept_uniforms[child] * float(q[x]) < float(p[x]):
+                accepted = child
+                break
+            residual = torch.clamp(p - q, min=0.0)
+            if float(residual.sum()) > 0:  # else p == q up to rounding: the rejection had probability 0
+                p = residual / residual.sum()
+        if accepted is None:
+            last = int(sample_from(p, final_uniform))
+            rows = [0] + [i + 1 for i in path]
+            return TreeOutcome([tokens[i] for i in path] + [last], len(path), rows)
+        path.append(accepted)
+        node = accepted

@@ -27,6 +27,7 @@ FT_SMALL = "ft_small"
 Preset = Literal["upscale", "downscale", "interpolate", "linear"]
 PRESETS: tuple[str, ...] = ("upscale", "downscale", "interpolate", "linear")
 MAX_SPECULATIVE_K = 32
+MAX_TREE_WIDTH = 8  # branches of a draft tree at most
 MAX_NEW_TOKENS = 4096
 MAX_COEFFICIENT = 1e4  # |beta|, |lambda|, |coefficient|: EFT's useful range is about [-3, 3]
 MIN_TEMPERATURE = 1e-4  # below it (and above 0, greedy) scores / T overflow float32
@@ -279,16 +280,27 @@ class SpeculativeParams:
     machines (Serve deployments). On a rejection the continuation is discarded (only drafter
     time is lost) and the next block drafts afresh. Every token is still accepted or resampled
     by the exact rule, so the output stays exactly EFT-distributed; in one process, where the
-    roles take turns on one compute thread, it only adds the discarded drafts' cost."""
+    roles take turns on one compute thread, it only adds the discarded drafts' cost.
+
+    ``tree_width`` m >= 2 drafts a token tree where the drafter is unsure: at the first
+    position below ``confidence`` (where a chain's drafting would end) the drafter branches
+    into its m most likely tokens and drafts on from each; the verifying roles score the
+    whole tree in one forward pass (a tree attention mask and explicit positions), and
+    SpecInfer's multi-step speculative sampling accepts at most one branch per position,
+    trying them in turn against the residual, so the output stays exactly EFT-distributed.
+    Only the accepted path stays in every role's KV cache. It needs ``confidence`` > 0 (where
+    to branch); blocks that branch draft nothing ahead (``overlap``)."""
 
     k: int = 0
     drafter: str | None = None
     confidence: float = 0.0
     adaptive: bool = False
     overlap: bool = False
+    tree_width: int = 0
 
     def __post_init__(self) -> None:
         _int("speculative.k", self.k, 0, MAX_SPECULATIVE_K)
+        _int("speculative.tree_width", self.tree_width, 0, MAX_TREE_WIDTH)
         if not 0.0 <= _finite("speculative.confidence", self.confidence) <= 1.0:
             raise SpecError("speculative.confidence", f"must be in [0, 1], got {self.confidence}")
         if self.drafter is not None and (not isinstance(self.drafter, str) or not self.drafter):
@@ -296,3 +308,5 @@ class SpeculativeParams:
         for name in ("adaptive", "overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"speculative.{name}", f"must be true or false, got {getattr(self, name)!r}")
+        if self.tree_width > 1 and self.k > 0 and self.confidence == 0:
+            raise SpecError("speculative.tree_width", "a tree branches where the drafter is below speculative.confidence: set confidence > 0")

@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..core.acceptance import accept_blocks
+from ..core.acceptance import accept_blocks, accept_tree
 from ..core.combine import combine, combine_rows, plan_rows
 from ..core.sampling import sampling_probs
 from ..core.spec import BASE_LARGE, BASE_SMALL, FT_LARGE, FT_SMALL, SpecError
@@ -73,7 +73,8 @@ class _Block:
     """A generation's block in this step: its drafts, every role's rows ``[n + 1, V]`` at the
     block's positions, and the uniforms drawn for it. With overlapped speculation, ``ahead``
     tokens are drafted past the block while it is verified (``next``): the first of them is
-    verified at the block's bonus position, the rest become the next block's drafts."""
+    verified at the block's bonus position, the rest become the next block's drafts. A draft
+    that branched (``tree``) has a row per node instead, until its accepted path is known."""
 
     request: GenerationState
     k: int
@@ -84,25 +85,43 @@ class _Block:
     fresh: bool = True  # drafted in this step (else drafted ahead in the last one)
     ahead: int = 0
     next: Draft | None = None
+    drafted_at: int = 0  # where the continuation's uniforms start (after the drafts')
     accept_at: int = 0  # where the acceptance tests' uniforms start
 
     @classmethod
     def of(cls, request: GenerationState) -> "_Block":
         """The request's next block, with its uniforms drawn in a fixed order from its own
-        generator: the drafts' (when drafted now), the continuation's, one acceptance test per
-        draft (and for the continuation's first token), then the replacement or bonus."""
+        generator: the drafts' (when drafted now; one per branch and depth for a tree), the
+        continuation's, one acceptance test per draft (and for the continuation's first
+        token), then the replacement or bonus."""
         ahead = request.ahead
         request.ahead = None
         k = len(ahead.tokens) if ahead is not None else request.next_k()
         m = request.ahead_k(k) if ahead is None or request.ahead_full else 0
-        accept_at = (k if ahead is None else 0) + m
-        n = accept_at + k + (1 if request.request.speculative.overlap else 0) + 1
+        drafts = k * request.draft.lanes
+        drafted_at = drafts if ahead is None else 0
+        accept_at = drafted_at + m
+        n = accept_at + drafts + (1 if request.request.speculative.overlap else 0) + 1
         u = torch.rand(n, generator=request.generator, dtype=torch.float64).tolist()
-        return cls(request, k, u, draft=ahead, fresh=ahead is None, ahead=m, accept_at=accept_at)
+        return cls(request, k, u, draft=ahead, fresh=ahead is None, ahead=m, drafted_at=drafted_at, accept_at=accept_at)
 
     @property
     def tokens(self) -> list[int]:
         return self.draft.tokens if self.draft is not None else []
+
+    @property
+    def tree(self) -> bool:
+        return self.draft is not None and self.draft.parents is not None
+
+    @property
+    def depth(self) -> int:
+        """The drafts along the block's longest path (a chain's: all it verifies)."""
+        if not self.tree:
+            return len(self.verified)
+        depths: list[int] = []
+        for parent in self.draft.parents:
+            depths.append(1 + (depths[parent] if parent >= 0 else 0))
+        return max(depths)
 
     @property
     def verified(self) -> list[int]:
@@ -110,11 +129,10 @@ class _Block:
         return self.tokens + (self.next.tokens[:1] if self.next is not None else [])
 
     def draft_uniforms(self) -> list[float]:
-        return self.uniforms[: self.k] if self.fresh else []
+        return self.uniforms[: self.drafted_at]
 
     def ahead_uniforms(self) -> list[float]:
-        start = self.k if self.fresh else 0
-        return self.uniforms[start : start + self.ahead]
+        return self.uniforms[self.drafted_at : self.drafted_at + self.ahead]
 
     def accept_uniforms(self) -> list[float]:
         return self.uniforms[self.accept_at : self.accept_at + len(self.verified)]
@@ -449,17 +467,21 @@ class Engine:
                     continue
                 if b.fresh and b.k:
                     b.draft = drafts[request][request.drafter]
-                    if len(b.tokens) < b.k:  # the drafter stopped unsure or at a stop: nothing to draft ahead
+                    # the drafter stopped unsure or at a stop, or branched: nothing to draft ahead
+                    if len(b.tokens) < b.k or b.tree:
                         b.ahead = 0
                 block = request.context + b.tokens
                 if b.tokens and b.tokens[-1] in request.draft.stop_ids:
                     b.ahead = 0
-                if b.ahead:
-                    item = DraftItem(request.session_id, block, b.ahead, request.draft, b.ahead_uniforms(), also=b.also)
+                if b.ahead:  # a chain: the continuation's first token is verified by the chain rule
+                    params = replace(request.draft, tree_width=0)
+                    item = DraftItem(request.session_id, block, b.ahead, params, b.ahead_uniforms(), also=b.also)
                     ahead.setdefault(request.drafter, []).append((request, item))
+                tree = b.draft.parents if b.tree else ()
                 for role in request.plan.roles:
                     if not b.k or (role != request.drafter and role not in b.also):
-                        scoring.setdefault(role, []).append((request, ScoreItem(request.session_id, block, len(b.tokens) + 1)))
+                        item = ScoreItem(request.session_id, block, len(b.tokens) + 1, tree=tree)
+                        scoring.setdefault(role, []).append((request, item))
             # verifying and drafting ahead at once: on separate deployments a step then costs
             # the longer of the two, not their sum
             scores, drafted = await asyncio.gather(self._calls(scoring, "score"), self._calls(ahead, "draft"))
@@ -505,11 +527,9 @@ class Engine:
     def _settle(self, blocks: list[_Block]) -> tuple[list[tuple[list[int], int]], list[torch.Tensor], list[torch.Tensor]]:
         """Every block's target p and the acceptance rule, batched over the blocks: rows of
         different lengths are padded and masked, each block with its own coefficients and
-        sampling parameters. Returns the outcomes, and per block its targets and scores."""
+        sampling parameters (a tree, whose rows branch, is walked on its own). Returns the
+        outcomes, and per block its targets and scores along what it emits."""
         sizes = [len(b.tokens) + 1 for b in blocks]  # target rows: each draft's position and the bonus
-        drafts = [len(b.verified) for b in blocks]  # the bonus position verifies a continuation's first token
-        sampling = [b.request.request.sampling for b in blocks]
-        params = ([s.temperature for s in sampling], [s.top_k for s in sampling], [s.top_p for s in sampling])
         # the target p at every position of every block
         roles = [r for r in self.roles if any(r in b.rows for b in blocks)]
         rows = [
@@ -517,19 +537,40 @@ class Engine:
             for r in roles
         ]
         scores = combine_rows(rows, plan_rows([b.request.plan for b in blocks], sizes, roles))
-        target = sampling_probs(scores, *(_rows(t, sizes) for t in params))
+        target = sampling_probs(scores, *_params(blocks, sizes))
+        targets, scored = list(torch.split(target, sizes)), list(torch.split(scores, sizes))
+        outcomes: list[tuple[list[int], int]] = [([], 0)] * len(blocks)
+        chains = [i for i, b in enumerate(blocks) if not b.tree]
+        if chains:
+            for i, o in zip(chains, self._accept_chains([blocks[i] for i in chains], [targets[i] for i in chains])):
+                outcomes[i] = (o.tokens, o.accepted)
+        for i, b in enumerate(blocks):
+            if b.tree:
+                q = sampling_probs(b.rows[b.request.drafter], *_params([b], [sizes[i]]))
+                n = len(b.tokens)
+                o = accept_tree(targets[i], q, b.tokens, list(b.draft.parents), list(b.draft.sampled), b.accept_uniforms()[:n], b.final_uniform())
+                outcomes[i] = (o.tokens, o.accepted)
+                # from here on the block is its path: the rows of what it emits
+                targets[i], scored[i] = targets[i][o.rows], scored[i][o.rows]
+                b.rows = {r: lp[o.rows] for r, lp in b.rows.items()}
+        return outcomes, targets, scored
+
+    def _accept_chains(self, blocks: list[_Block], targets: list[torch.Tensor]) -> list:
+        """The exact rule for chain blocks, all at once (:func:`accept_blocks`)."""
+        sizes = [len(t) for t in targets]
+        drafts = [len(b.verified) for b in blocks]  # the bonus position verifies a continuation's first token
         # the drafters' q at the drafted positions: what each verified token was sampled from
         k = max(drafts)
-        q = target.new_zeros(0, self.vocab_size)
+        q = targets[0].new_zeros(0, self.vocab_size)
         if k:
             q_rows = torch.cat([
                 row for b, n in zip(blocks, drafts) if n
                 for row in (b.rows[b.request.drafter][: len(b.tokens)], b.next.logprobs[: n - len(b.tokens)] if b.next else None)
                 if row is not None
             ])
-            q = sampling_probs(q_rows, *(_rows(t, drafts) for t in params))
-        outcomes = accept_blocks(
-            _pad(target, sizes, k + 1),
+            q = sampling_probs(q_rows, *_params(blocks, drafts))
+        return accept_blocks(
+            _pad(torch.cat(targets), sizes, k + 1),
             _pad(q, drafts, k),
             torch.tensor([b.verified + [0] * (k - n) for b, n in zip(blocks, drafts)], dtype=torch.long).reshape(len(blocks), k),
             torch.tensor(drafts),
@@ -537,7 +578,6 @@ class Engine:
             torch.tensor([b.final_uniform() for b in blocks], dtype=torch.float64),
             bonus=torch.tensor([n == len(b.tokens) for b, n in zip(blocks, drafts)]),
         )
-        return [(o.tokens, o.accepted) for o in outcomes], list(torch.split(target, sizes)), list(torch.split(scores, sizes))
 
     def _emit(self, b: _Block, tokens: list[int], accepted: int, target: torch.Tensor, scores: torch.Tensor) -> None:
         request, stops, stats = b.request, b.request.stops, b.request.stats
@@ -546,7 +586,7 @@ class Engine:
         stats.blocks += 1
         stats.drafted_tokens += len(b.verified)
         stats.accepted_per_block.append(accepted)
-        request.adapt(len(b.verified), accepted)
+        request.adapt(b.depth, accepted)
         chunk = StreamChunk(token_ids=[], text="")
         for t, token in enumerate(tokens):
             chunk.token_ids.append(token)
@@ -604,6 +644,12 @@ class Engine:
 def _rows(values: Sequence[float | int], counts: Sequence[int]) -> torch.Tensor:
     """One value per block, repeated for each of its ``counts`` rows."""
     return torch.tensor([v for v, n in zip(values, counts) for _ in range(n)])
+
+
+def _params(blocks: Sequence[_Block], counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Temperature, top-k and top-p of each block's request, for each of its ``counts`` rows."""
+    sampling = [b.request.request.sampling for b in blocks]
+    return _rows([s.temperature for s in sampling], counts), _rows([s.top_k for s in sampling], counts), _rows([s.top_p for s in sampling], counts)
 
 
 def _pad(rows: torch.Tensor, counts: Sequence[int], width: int) -> torch.Tensor:

@@ -47,17 +47,28 @@ class DraftParams:
     """How one request drafts: its sampling distribution (the same temperature, top-k and
     top-p as its target, so that acceptance compares what both sides sampled from) and where
     a draft ends early: after a token in ``stop_ids`` (nothing after a stop is ever emitted),
-    or before a position whose most likely token has probability below ``confidence``."""
+    or before a position whose most likely token has probability below ``confidence``.
+
+    ``tree_width`` m >= 2 drafts a token tree: at the first position where the drafter is
+    below its confidence (where a chain would end) it branches into its m most likely tokens
+    and drafts on from each, all branches in the same passes, to depth k; a branch ends where
+    the drafter is unsure again. Branch b's token at depth d uses uniform ``d * m + b``."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     stop_ids: frozenset[int] = frozenset()
     confidence: float = 0.0
+    tree_width: int = 0
 
     @classmethod
     def of(cls, sampling: SamplingParams, speculative: SpeculativeParams, stop_ids: frozenset[int]) -> "DraftParams":
-        return cls(sampling.temperature, sampling.top_k, sampling.top_p, stop_ids, speculative.confidence)
+        return cls(sampling.temperature, sampling.top_k, sampling.top_p, stop_ids, speculative.confidence, speculative.tree_width)
+
+    @property
+    def lanes(self) -> int:
+        """Tokens drafted per depth at most (the uniforms needed per depth)."""
+        return max(1, self.tree_width)
 
     @property
     def log_confidence(self) -> float:
@@ -69,19 +80,27 @@ class ScoreItem:
     """Feed ``token_ids`` (the session's whole context) and return the log-probs of its last
     ``rows`` positions: row i is the distribution of the token at position
     ``len(token_ids) - rows + 1 + i`` given the tokens before it. ``rows`` 0 only fills the
-    cache (a prefill chunk)."""
+    cache (a prefill chunk).
+
+    ``tree``: the last ``len(tree)`` tokens are a draft tree, not a sequence: token i of it
+    is a child of token ``tree[i]`` of it (-1: of the token before the tree), and its row is
+    the distribution after it given the context and its ancestors only; ``rows`` must then
+    cover the tree and the token before it. The session's next call keeps only the path its
+    token ids follow."""
 
     session_id: str
     token_ids: Sequence[int]
     rows: int = 1
     role: str = ""
+    tree: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class DraftItem:
     """Sample up to ``k`` tokens after ``token_ids``, one per step, the i-th by inverse CDF
     on ``uniforms[i]``. ``also``: other roles of the drafter's group whose rows at the same
-    positions the same forward passes compute (:attr:`Draft.others`)."""
+    positions the same forward passes compute (:attr:`Draft.others`). A tree
+    (``params.tree_width``) needs ``params.lanes`` uniforms per depth."""
 
     session_id: str
     token_ids: Sequence[int]
@@ -97,11 +116,18 @@ class Draft:
     """``tokens``: up to k tokens sampled from the drafter's own sampling distribution;
     ``logprobs``: its raw log-softmax rows for the positions after each of them and the one
     before, ``[len(tokens) + 1, V]``; ``others``: the same rows of each role of the item's
-    ``also``."""
+    ``also``.
+
+    A draft that branched is a tree: ``parents[i]`` is token i's parent (-1: the root, the
+    position after the context), ``sampled[i]`` whether it was sampled from the drafter's
+    distribution there (else it is one of the top tokens a branch starts with); a chain has
+    ``parents`` None."""
 
     tokens: list[int]
     logprobs: torch.Tensor
     others: dict[str, torch.Tensor] = field(default_factory=dict)
+    parents: tuple[int, ...] | None = None
+    sampled: tuple[bool, ...] = ()
 
 
 @runtime_checkable

@@ -14,6 +14,13 @@ than the widest) write to a trash position past the slot's end that attention ne
 a new session copies the longest matching prefix of a live session into its slot once; the
 least recently used session not in the current call is evicted when every slot is taken.
 
+A session may end in a draft *tree* (:class:`Tree`: speculative branches scored in one pass,
+SpecInfer's token-tree verification): its nodes follow the context in the slot in the order
+they were fed, each at the position id of its depth, each query seeing the context and its
+own ancestors only. The session's next call names the path that was accepted (its token ids
+continue the context); that path's keys and values are moved into place after the context
+and the rest of the tree is dropped, so the cache then holds exactly the accepted path.
+
 Slots are allocated lazily (the buffers when the first forward pass shows the shard's head
 count, dtype and device) and zeroed on first use, so memory that is never used is never
 touched, and attention never reads memory that no forward pass wrote.
@@ -47,6 +54,38 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @dataclass(frozen=True)
+class Tree:
+    """Draft-tree nodes at the end of a session's slot: node i at slot position ``start + i``,
+    a child of node ``parents[i]`` (-1: of the context's last token, at ``start - 1``);
+    parents come before their children."""
+
+    start: int
+    parents: tuple[int, ...]
+
+    def path(self, node: int) -> list[int]:
+        """The nodes from the root down to ``node``."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+    def extend(self, parents: Sequence[int]) -> "Tree":
+        return Tree(self.start, self.parents + tuple(parents))
+
+    def follow(self, node_tokens: Sequence[int], ids: Sequence[int]) -> list[int]:
+        """The longest chain of nodes, from the root, whose tokens are ``ids``' first ones."""
+        path, at = [], -1
+        for token in ids:
+            child = next((i for i, (p, t) in enumerate(zip(self.parents, node_tokens)) if p == at and t == token), None)
+            if child is None:
+                break
+            path.append(child)
+            at = child
+        return path
+
+
+@dataclass(frozen=True)
 class Run:
     """Batch rows ``rows`` (consecutive, in slot order) whose slots lie in ``slots``: one
     attention call over the first ``length`` positions of that span of slots, with ``mask``
@@ -72,8 +111,13 @@ class SlotBatch:
     runs: tuple[Run, ...]
 
     @classmethod
-    def build(cls, slots: Sequence[int], cached: Sequence[int], new: Sequence[int], slot_length: int, device: torch.device) -> "SlotBatch":
-        """``slots`` must be increasing (the caller orders the rows by slot)."""
+    def build(
+        cls, slots: Sequence[int], cached: Sequence[int], new: Sequence[int], slot_length: int, device: torch.device,
+        trees: Sequence[Tree | None] | None = None,
+    ) -> "SlotBatch":
+        """``slots`` must be increasing (the caller orders the rows by slot). ``trees[b]``:
+        row b's draft tree once this pass has fed it (its new tokens from ``start`` on are
+        nodes), or None."""
         width = max(new)
         cached_t = torch.tensor(cached, dtype=torch.long)
         new_t = torch.tensor(new, dtype=torch.long)
@@ -82,13 +126,25 @@ class SlotBatch:
         write = torch.where(j < new_t.unsqueeze(-1), positions, slot_length)
         # query j of row b sees positions 0..cached+j (pads: as the row's last real token)
         sees = cached_t.unsqueeze(-1) + torch.minimum(j, new_t.unsqueeze(-1) - 1)
+        hidden: dict[int, list[tuple[int, list[int]]]] = {}  # row -> (query, tree positions it must not see)
+        for b, tree in enumerate(trees or ()):
+            if tree is not None:
+                for q in range(max(0, tree.start - cached[b]), new[b]):
+                    node = cached[b] + q - tree.start
+                    path = tree.path(node)
+                    positions[b, q] = tree.start + len(path) - 1
+                    on_path = set(path)
+                    hidden.setdefault(b, []).append((q, [tree.start + i for i in range(node) if i not in on_path]))
         bounds = [0] + [b for b in range(1, len(slots)) if slots[b] - slots[b - 1] > MAX_GAP + 1] + [len(slots)]
-        runs = [cls._run(slots, sees, start, end, width, device) for start, end in zip(bounds, bounds[1:])]
+        runs = [cls._run(slots, sees, start, end, width, device, hidden) for start, end in zip(bounds, bounds[1:])]
         slot_index = torch.tensor(slots, dtype=torch.long).unsqueeze(-1).expand(-1, width)
         return cls(slot_index.to(device), write.to(device), positions.to(device), tuple(runs))
 
     @staticmethod
-    def _run(slots: Sequence[int], sees: torch.Tensor, start: int, end: int, width: int, device: torch.device) -> Run:
+    def _run(
+        slots: Sequence[int], sees: torch.Tensor, start: int, end: int, width: int, device: torch.device,
+        hidden: dict[int, list[tuple[int, list[int]]]],
+    ) -> Run:
         first, span = slots[start], slots[end - 1] - slots[start] + 1
         mine = sees[start:end]
         length = int(mine.max()) + 1
@@ -97,8 +153,13 @@ class SlotBatch:
             offsets = torch.tensor(slots[start:end], dtype=torch.long) - first
             mine = torch.zeros(span, width, dtype=torch.long).index_copy_(0, offsets, mine)
         mask = None
-        if width > 1 or offsets is not None or bool((mine != length - 1).any()):
+        trees = [b for b in range(start, end) if b in hidden]
+        if width > 1 or offsets is not None or trees or bool((mine != length - 1).any()):
             visible = torch.arange(length) <= mine.unsqueeze(-1)
+            for b in trees:  # a tree node sees the context and its own ancestors
+                row = b - start if offsets is None else int(offsets[b - start])
+                for q, positions in hidden[b]:
+                    visible[row, q, positions] = False
             mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).unsqueeze(1).to(device)
         return Run(slice(start, end), slice(first, first + span), length, mask, None if offsets is None else offsets.to(device))
 
@@ -178,6 +239,14 @@ class SlotKVCache:
         v[b.slot_index, :, b.write_index] = value_states.transpose(1, 2)
         return k, v
 
+    def move(self, slot: int, moves: Sequence[tuple[int, int]]) -> None:
+        """Within ``slot``, position ``target`` takes the keys and values of ``source``, for
+        each ``(source, target)`` (all read before any is written)."""
+        sources = torch.tensor([m[0] for m in moves], dtype=torch.long)
+        targets = torch.tensor([m[1] for m in moves], dtype=torch.long)
+        for buf in self.keys + self.values:
+            buf[slot, :, targets] = buf[slot, :, sources]
+
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Slot ``target`` starts as a copy of the first ``length`` positions of ``source``."""
         fresh = target in self._unwritten
@@ -193,6 +262,23 @@ class Session:
     slot: int
     tokens: list[int] = field(default_factory=list)  # the tokens whose keys/values the slot holds
     last_used: float = 0.0
+    tree: Tree | None = None  # the draft tree ``tokens`` end in (from ``tree.start`` on)
+
+    @property
+    def linear(self) -> list[int]:
+        """The tokens that form a sequence (the context before a draft tree)."""
+        return self.tokens if self.tree is None else self.tokens[: self.tree.start]
+
+    def settle_tree(self, token_ids: Sequence[int]) -> list[tuple[int, int]]:
+        """Keep only the tree's nodes that ``token_ids`` follow, moved into place after the
+        context: the ``(source, target)`` slot positions to move."""
+        if self.tree is None:
+            return []
+        start = self.tree.start
+        path = self.tree.follow(self.tokens[start:], token_ids[start:])
+        self.tokens = self.tokens[:start] + [self.tokens[start + i] for i in path]
+        self.tree = None
+        return [(start + i, start + j) for j, i in enumerate(path) if i != j]
 
 
 class CacheFull(RuntimeError):
@@ -245,29 +331,35 @@ class SessionTable:
             gone.append(session_id)
         return gone
 
-    def acquire(self, session_id: str, token_ids: Sequence[int], keep: int, protected: set[str]) -> tuple[Session, tuple[int, int] | None]:
+    def acquire(
+        self, session_id: str, token_ids: Sequence[int], keep: int, protected: set[str]
+    ) -> tuple[Session, tuple[int, int] | None, list[tuple[int, int]]]:
         """The session's entry holding at most the first ``keep`` tokens of ``token_ids``
-        (its cache rolled back to their common prefix), and for a new session, ``(source
-        slot, length)`` of a live session's prefix to copy into its slot, or None.
+        (its cache rolled back to their common prefix); for a new session, ``(source slot,
+        length)`` of a live session's prefix to copy into its slot, or None; and the moves
+        within its slot that keep the accepted path of its draft tree (:meth:`Session.settle_tree`).
         Sessions in ``protected`` (the rest of the call) are never evicted."""
         session = self._sessions.get(session_id)
-        copy = None
+        copy, moves = None, []
         if session is None:
             session = Session(self._take_slot(protected | {session_id}))
             source, best = None, 0
             for other in self._sessions.values():
-                n = min(common_prefix_len(other.tokens, token_ids), keep)
+                n = min(common_prefix_len(other.linear, token_ids), keep)
                 if n > best:
                     source, best = other, n
+                    if best == keep:  # none can give more
+                        break
             if source is not None:
                 session.tokens = list(token_ids[:best])
                 copy = (source.slot, best)
             self._sessions[session_id] = session
         else:
+            moves = session.settle_tree(token_ids)
             del session.tokens[min(common_prefix_len(session.tokens, token_ids), keep) :]
         session.last_used = self.clock()
         self._sessions.move_to_end(session_id)
-        return session, copy
+        return session, copy, moves
 
     def _take_slot(self, protected: set[str]) -> int:
         if self._free:

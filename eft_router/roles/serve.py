@@ -169,13 +169,14 @@ class ServeRole:
         return await self._fan_out("score", items, lambda reply, part: list(torch.split(*reply)))
 
     async def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
-        def unpack(reply: tuple[list[list[int]], torch.Tensor], part: list[DraftItem]) -> list[Draft]:
+        def unpack(reply: tuple[list[tuple], torch.Tensor], part: list[DraftItem]) -> list[Draft]:
             # per item: the drafter's rows, then each ``also`` role's, all len(tokens) + 1 long
-            tokens, rows = reply
+            shapes, rows = reply
             out = []
-            for t, item, r in zip(tokens, part, torch.split(rows, [(len(t) + 1) * (1 + len(it.also)) for t, it in zip(tokens, part)])):
+            sizes = [(len(t) + 1) * (1 + len(it.also)) for (t, _, _), it in zip(shapes, part)]
+            for (t, parents, sampled), item, r in zip(shapes, part, torch.split(rows, sizes)):
                 own, *others = torch.split(r, len(t) + 1)
-                out.append(Draft(t, own, dict(zip(item.also, others))))
+                out.append(Draft(t, own, dict(zip(item.also, others)), parents, sampled))
             return out
 
         return await self._fan_out("draft", items, unpack)

@@ -17,16 +17,17 @@ contiguous: one segment per adapter (:class:`~.adapters.LoRARows`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from ..core.sampling import sample_from, sampling_probs
+from ..core.spec import MAX_TREE_WIDTH
 from .adapters import LoRARows, attach_adapters
 from .interface import Draft, DraftItem, RoleInfo, ScoreItem
-from .kv_cache import ATTENTION, Session, SessionTable, SlotBatch, SlotKVCache
+from .kv_cache import ATTENTION, Session, SessionTable, SlotBatch, SlotKVCache, Tree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -61,13 +62,50 @@ def slot_bytes(config, slot_length: int, dtype: torch.dtype) -> int:
 class _Row:
     """One session's part of a forward pass: feed ``new`` after its cached tokens, keep the
     log-probs of the last ``rows`` positions. ``role``: the group member the row is for;
-    ``slot``: the session's slot in the worker's KV cache (its member's share, offset)."""
+    ``slot``: the session's slot in the worker's KV cache (its member's share, offset);
+    ``tree``: the parents of the draft-tree nodes ``new`` ends in (:class:`~.kv_cache.Tree`
+    numbering, the session's tree as this pass extends it)."""
 
     session: Session
     new: Sequence[int]
     rows: int
     role: str
     slot: int
+    tree: tuple[int, ...] = ()
+
+    def tree_after(self) -> Tree | None:
+        """The session's draft tree once this row is fed."""
+        if not self.tree:
+            return self.session.tree
+        if self.session.tree is not None:
+            return self.session.tree.extend(self.tree)
+        return Tree(len(self.session.tokens) + len(self.new) - len(self.tree), self.tree)
+
+
+@dataclass
+class _Drafting:
+    """One item's draft as it grows: node i is ``tokens[i]``, a child of ``parents[i]`` (-1:
+    the root); ``frontier``: the live branch tips, ``(branch, node)``; ``trunk``: the nodes
+    before the tree branched (None: a chain so far). The session's cache holds the trunk as a
+    sequence and the nodes after it as its draft tree."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
+    frontier: list[tuple[int, int]] = field(default_factory=lambda: [(0, -1)])
+    trunk: int | None = None
+
+    def add(self, token: int, parent: int, sampled: bool) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.sampled.append(sampled)
+        return len(self.tokens) - 1
+
+    def session_parents(self, nodes: Sequence[int]) -> tuple[int, ...]:
+        """The nodes' parents in the session's draft tree (the nodes after the trunk)."""
+        if self.trunk is None:
+            return ()
+        return tuple(self.parents[i] - self.trunk if self.parents[i] >= self.trunk else -1 for i in nodes)
 
 
 class RoleWorker:
@@ -163,8 +201,13 @@ class RoleWorker:
             extra = 0
             if isinstance(item, DraftItem):
                 extra = item.k
-                if item.k < 0 or len(item.uniforms) < item.k:
-                    raise ValueError(f"items[{i}].uniforms: need one per draft (k={item.k}), got {len(item.uniforms)}")
+                if not 0 <= item.params.tree_width <= MAX_TREE_WIDTH:
+                    raise ValueError(f"items[{i}].params.tree_width: must be in [0, {MAX_TREE_WIDTH}], got {item.params.tree_width}")
+                if item.params.tree_width > 1:  # the branches' nodes take slot positions too
+                    extra = item.k * item.params.tree_width
+                if item.k < 0 or len(item.uniforms) < item.k * item.params.lanes:
+                    each = "one per draft" if item.params.lanes == 1 else f"{item.params.lanes} per draft position (one per branch)"
+                    raise ValueError(f"items[{i}].uniforms: need {each} (k={item.k}), got {len(item.uniforms)}")
                 if not 0.0 <= item.params.confidence <= 1.0:
                     raise ValueError(f"items[{i}].params.confidence: must be in [0, 1], got {item.params.confidence}")
                 for other in item.also:
@@ -176,6 +219,11 @@ class RoleWorker:
                     seen.add((other, item.session_id))
             elif not 0 <= item.rows <= n:
                 raise ValueError(f"items[{i}].rows: must be in [0, {n}] (a row needs the token before it), got {item.rows}")
+            elif item.tree and (len(item.tree) >= item.rows or any(not -1 <= p < t for t, p in enumerate(item.tree))):
+                raise ValueError(
+                    f"items[{i}].tree: parents must come before their children (-1: the token before the tree), "
+                    f"and rows ({item.rows}) must cover the tree's {len(item.tree)} tokens and the one before"
+                )
             if n + extra > self.info.slot_length:
                 raise ValueError(
                     f"items[{i}].token_ids: {n + extra} positions exceed role {self.info.name!r}'s "
@@ -194,14 +242,16 @@ class RoleWorker:
             protected.setdefault(role, set()).add(session_id)
         sessions = []
         for (role, session_id, token_ids), keep in zip(items, keeps):
-            session, copy = self.tables[role].acquire(session_id, token_ids, keep, protected[role])
+            session, copy, moves = self.tables[role].acquire(session_id, token_ids, keep, protected[role])
             if copy is not None:
                 self.kv.copy_prefix(self._offsets[role] + copy[0], self._offsets[role] + session.slot, copy[1])
+            if moves:  # the accepted path of its last draft tree, into place
+                self.kv.move(self._offsets[role] + session.slot, moves)
             sessions.append(session)
         return sessions
 
-    def _row(self, role: str, session: Session, new: Sequence[int], rows: int) -> _Row:
-        return _Row(session, new, rows, role, self._offsets[role] + session.slot)
+    def _row(self, role: str, session: Session, new: Sequence[int], rows: int, tree: Sequence[int] = ()) -> _Row:
+        return _Row(session, new, rows, role, self._offsets[role] + session.slot, tuple(tree))
 
     def _forward(self, work: Sequence[_Row]) -> list[torch.Tensor]:
         """Run every row's new tokens in as few passes as :func:`width_groups` allows; per row,
@@ -221,7 +271,8 @@ class RoleWorker:
         if int(ids.max()) >= self.info.vocab_size or int(ids.min()) < 0:
             raise ValueError(f"token ids must be in [0, {self.info.vocab_size}) for role {self.info.name!r}")
         slots = [r.slot for r in rows]
-        batch = SlotBatch.build(slots, [len(r.session.tokens) for r in rows], widths, self.kv.slot_length, self.device)
+        trees = [r.tree_after() for r in rows]
+        batch = SlotBatch.build(slots, [len(r.session.tokens) for r in rows], widths, self.kv.slot_length, self.device, trees)
         keep = max(1, max(width - w + r.rows for w, r in zip(widths, rows)))
         self.kv.begin(batch, slots)
         if self._lora_rows is not None:  # a group's pass: the base once, each adapter's update on its rows
@@ -239,8 +290,9 @@ class RoleWorker:
         self.forward_passes += 1
         self.forward_rows += len(rows)
         pieces = []
-        for b, (w, r) in enumerate(zip(widths, rows)):
+        for b, (w, r, tree) in enumerate(zip(widths, rows, trees)):
             r.session.tokens.extend(r.new)
+            r.session.tree = tree
             self.computed_tokens += w
             end = keep - (width - w)
             pieces.append(logits[b, end - r.rows : end, : self.info.vocab_size])
@@ -261,7 +313,7 @@ class RoleWorker:
         for i, (role, item, session) in enumerate(zip(roles, items, sessions)):
             new = item.token_ids[len(session.tokens) :]
             if new:  # everything cached and no rows asked for: nothing to run
-                work.append(self._row(role, session, new, item.rows))
+                work.append(self._row(role, session, new, item.rows, item.tree))
                 where.append(i)
         for i, rows in zip(where, self._forward(work)):
             results[i] = rows
@@ -271,10 +323,11 @@ class RoleWorker:
     def draft(self, items: Sequence[DraftItem]) -> list[Draft]:
         """Per item, up to k tokens from the model's own sampling distribution and its rows
         for the positions after each and the one before: one forward pass per draft step,
-        every session still drafting advancing one token in it. A session stops after its
-        k-th token, after a stop token (whose row is still computed: the engine's target after
-        the stop needs the drafter's row there), or before a token whose most likely value has
-        a probability below its ``confidence``.
+        every session still drafting advancing one token in it (one per branch of a tree). A
+        session stops after its k-th token, after a stop token (whose row is still computed:
+        the engine's target after the stop needs the drafter's row there), or before a token
+        whose most likely value has a probability below its ``confidence``; with a
+        ``tree_width`` it branches there instead, the first time (:class:`~.interface.DraftParams`).
 
         Each role in an item's ``also`` (another member of this group) is fed the same tokens
         in the same passes, and its rows at the same positions come back in ``others``: the
@@ -287,39 +340,56 @@ class RoleWorker:
             lanes += [(j, role) for role in (it.role or self.info.name, *it.also)]
         sessions = self._acquire([(role, items[j].session_id, items[j].token_ids) for j, role in lanes], [len(items[j].token_ids) - 1 for j, _ in lanes])
         first = self._forward([self._row(role, s, items[j].token_ids[len(s.tokens) :], 1) for (j, role), s in zip(lanes, sessions)])
-        rows: list[list[torch.Tensor]] = [[r] for r in first]  # per lane
-        tokens: list[list[int]] = [[] for _ in items]
+        rows: list[list[torch.Tensor]] = [[r] for r in first]  # per lane: the root's row, then one after each node
+        trees = [_Drafting() for _ in items]
         temperature = torch.tensor([it.params.temperature for it in items])
         top_k = torch.tensor([it.params.top_k for it in items])
         top_p = torch.tensor([it.params.top_p for it in items])
         floors = torch.tensor([it.params.log_confidence for it in items])
-        for step in range(max((it.k for it in items), default=0)):
-            live = [
-                j
-                for j, it in enumerate(items)
-                if step < it.k and not (tokens[j] and tokens[j][-1] in it.params.stop_ids)
-            ]
-            if live:
-                last = torch.cat([rows[drafter[j]][-1] for j in live])
-                sure = last.max(dim=-1).values >= floors[live]
-                live = [j for j, ok in zip(live, sure.tolist()) if ok]
-            if not live:
+        for depth in range(max((it.k for it in items), default=0)):
+            # every live branch tip of every item still drafting: (item, branch, node; -1 the root)
+            tips = [(j, b, node) for j, it in enumerate(items) if depth < it.k for b, node in trees[j].frontier]
+            if not tips:
                 break
-            index = torch.tensor(live)
-            probs = sampling_probs(last[sure], temperature[index], top_k[index], top_p[index])
-            uniforms = torch.tensor([items[j].uniforms[step] for j in live], dtype=torch.float64)
-            for j, token in zip(live, sample_from(probs, uniforms).tolist()):
-                tokens[j].append(token)
-            going = set(live)
-            step_lanes = [lane for lane, (j, _) in enumerate(lanes) if j in going]
-            work = [self._row(lanes[lane][1], sessions[lane], tokens[lanes[lane][0]][-1:], 1) for lane in step_lanes]
-            for lane, row in zip(step_lanes, self._forward(work)):
-                rows[lane].append(row)
-        others: list[dict[str, torch.Tensor]] = [{} for _ in items]
-        for lane, (j, role) in enumerate(lanes):
-            if lane != drafter[j]:
-                others[j][role] = torch.cat(rows[lane])
-        return [Draft(t, torch.cat(rows[drafter[j]]), others[j]) for j, t in enumerate(tokens)]
+            last = torch.cat([rows[drafter[j]][node + 1].reshape(1, -1) for j, _, node in tips])
+            index = torch.tensor([j for j, _, _ in tips])
+            sure = last.max(dim=-1).values >= floors[index]
+            probs = sampling_probs(last, temperature[index], top_k[index], top_p[index])
+            uniforms = torch.tensor([items[j].uniforms[depth * items[j].params.lanes + b] for j, b, _ in tips], dtype=torch.float64)
+            samples = sample_from(probs, uniforms).tolist()
+            grown: dict[int, list[int]] = {}  # item -> its nodes added at this depth
+            for j, _, _ in tips:
+                trees[j].frontier = []
+            for (j, b, node), ok, token, row in zip(tips, sure.tolist(), samples, last):
+                tree, width = trees[j], items[j].params.tree_width
+                if ok:
+                    children = [(b, token, True)]
+                elif width > 1 and tree.trunk is None:  # the first unsure position: branch into the top tokens
+                    tree.trunk = len(tree.tokens)
+                    children = [(b2, top, False) for b2, top in enumerate(torch.topk(row, width).indices.tolist())]
+                else:
+                    children = []  # unsure: this branch ends
+                for branch, t, was_sampled in children:
+                    child = tree.add(t, node, was_sampled)
+                    grown.setdefault(j, []).append(child)
+                    if t not in items[j].params.stop_ids:  # a branch ends after a stop token
+                        tree.frontier.append((branch, child))
+            if not grown:
+                break
+            work, fed = [], []
+            for lane, (j, role) in enumerate(lanes):
+                if j in grown:
+                    nodes = grown[j]
+                    work.append(self._row(role, sessions[lane], [trees[j].tokens[i] for i in nodes], len(nodes), trees[j].session_parents(nodes)))
+                    fed.append(lane)
+            for lane, out in zip(fed, self._forward(work)):
+                rows[lane].extend(out.split(1))
+        drafts = []
+        for j, tree in enumerate(trees):
+            others = {role: torch.cat(rows[lane]) for lane, (i, role) in enumerate(lanes) if i == j and lane != drafter[j]}
+            parents, sampled = (tuple(tree.parents), tuple(tree.sampled)) if tree.trunk is not None else (None, ())
+            drafts.append(Draft(tree.tokens, torch.cat(rows[drafter[j]]), others, parents, sampled))
+        return drafts
 
     def release(self, session_ids: Sequence[str]) -> None:
         """Drop these sessions on every member of the group."""

@@ -127,7 +127,7 @@ def speculative_params(msg: pb.SpeculativeParams, default: SpeculativeParams) ->
         changes["drafter"] = msg.drafter
     if msg.HasField("confidence"):
         changes["confidence"] = msg.confidence
-    for name in ("adaptive", "overlap"):
+    for name in ("adaptive", "overlap", "tree_width"):
         if msg.HasField(name):
             changes[name] = getattr(msg, name)
     return replace(default, **changes) if changes else default
@@ -201,6 +201,7 @@ def generate_request(
     draft_confidence: float | None = None,
     adaptive: bool | None = None,
     overlap: bool | None = None,
+    tree_width: int | None = None,
     diagnostics: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; arguments left None take the server's defaults."""
@@ -211,7 +212,7 @@ def generate_request(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens,
             stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos,
         ),
-        speculative=pb.SpeculativeParams(k=k, drafter=drafter, confidence=draft_confidence, adaptive=adaptive, overlap=overlap),
+        speculative=pb.SpeculativeParams(k=k, drafter=drafter, confidence=draft_confidence, adaptive=adaptive, overlap=overlap, tree_width=tree_width),
         diagnostics=diagnostics,
     )
 

@@ -6,7 +6,7 @@ serve (``eft-upscale``, ...), the server's default (``eft``), or one role alone 
 ``base_large``, ...: ``linear`` with that role's coefficient 1). The EFT extension fields,
 which the official client sends through ``extra_body``, have the gRPC API's names and
 meanings: ``top_k``, ``eft`` (preset, deltas, beta, weight_top_p, coefficients),
-``speculative`` (k, drafter, confidence, adaptive, overlap), ``ignore_eos``, ``stop_token_ids``, ``diagnostics``,
+``speculative`` (k, drafter, confidence, adaptive, overlap, tree_width), ``ignore_eos``, ``stop_token_ids``, ``diagnostics``,
 and ``return_token_ids`` (vLLM's: each choice and stream chunk carries its token ids).
 
 The same engine, concurrency limit, bearer tokens and metrics as gRPC: a bad field is 400
@@ -77,6 +77,7 @@ class SpeculativeFields(_Body):
     confidence: float | None = None
     adaptive: bool | None = None
     overlap: bool | None = None
+    tree_width: int | None = None
 
 
 class StreamOptions(_Body):
