@@ -16,6 +16,10 @@ The "overlap EFT" rows draft the next block while this one is verified; in one p
 roles take turns on one compute thread, so they show its cost here (the discarded drafts),
 and bench_serve.py --overlap its gain, where drafter and verifiers are separate deployments.
 
+The "tree EFT" rows branch into the drafter's top m tokens where it is below
+``--tree-confidence`` and verify the tree in one pass per role; ``tree_coverage.py`` shows
+how often that catches the up-scaled model's token on these models.
+
 The "perfect drafter" rows run speculative decoding with the drafter's own distribution as
 the target while still calling every role: every draft is accepted, so they show how far a
 better drafter could go with these models' costs, and split a shortfall of the speculative
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import tempfile
 import time
@@ -142,6 +147,7 @@ def main() -> None:
         "off for the embedded family, whose answers end at EOS as a user gets them)",
     )
     parser.add_argument("--confidence", type=float, default=0.0, help="speculative.confidence of the speculative rows")
+    parser.add_argument("--tree-confidence", type=float, default=0.5, help="speculative.confidence of the tree rows (where they branch)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-k", type=int, default=8)
     args = parser.parse_args()
@@ -164,6 +170,12 @@ def main() -> None:
         **{f"speculative EFT k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence)) for k in ks},
         **{f"adaptive EFT k<={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence, adaptive=True)) for k in ks if k in (4, 8)},
         **{f"overlap EFT k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.confidence, overlap=True)) for k in ks if k in (4, 8)},
+        **{f"tree EFT m={m} k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.tree_confidence, tree_width=m))
+           for k in ks if k in (4, 8) for m in (2, 4)},
+        **{f"tree+overlap EFT m=2 k={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.tree_confidence, tree_width=2, overlap=True))
+           for k in ks if k == 4},
+        **{f"tree+adaptive EFT m=2 k<={k}": (EFTSpec(), SpeculativeParams(k=k, confidence=args.tree_confidence, tree_width=2, adaptive=True))
+           for k in ks if k == 8},
         **{f"perfect drafter k={k}": (PERFECT_DRAFTER, SpeculativeParams(k=k)) for k in ks},
     }
     warm_up = replace(sampling, max_new_tokens=8)
@@ -182,17 +194,22 @@ def main() -> None:
     print("cached decode step (median): " + ", ".join(f"{r} {t * 1e3:.2f} ms" for r, t in steps.items()))
     print(f"base_large / ft_small step cost: {steps['base_large'] / steps['ft_small']:.1f}x")
     print()
-    print(f"{'configuration':<24}{'tokens/s':>10}{'vs plain':>10}{'accept':>9}{'tok/block':>11}")
+    width = max(map(len, samples))
+    print(f"{'configuration':<{width}}{'tokens/s':>10}{'vs plain':>10}{'accept':>9}{'tok/block':>11}{'vs ceiling':>12}")
     for name, runs in samples.items():
         drafted, accepted = sum(s[3] for s in runs), sum(s[4] for s in runs)
         blocks, tokens = sum(s[2] for s in runs), sum(s[1] for s in runs)
         rate = f"{accepted / drafted:.3f}" if drafted else "-"
-        print(f"{name:<24}{tps[name]:>10.1f}{tps[name] / tps['plain EFT']:>9.2f}x{rate:>9}{tokens / blocks:>11.2f}")
+        k = re.search(r"k<?=(\d+)", name)
+        ceiling = tps.get(f"perfect drafter k={k.group(1)}") if k else None
+        versus = f"{tps[name] / ceiling:>11.0%}" if ceiling and not name.startswith("perfect") else f"{'-':>11}"
+        print(f"{name:<{width}}{tps[name]:>10.1f}{tps[name] / tps['plain EFT']:>9.2f}x{rate:>9}{tokens / blocks:>11.2f} {versus}")
+    print("(vs ceiling: against the perfect drafter at the same k; a tree's acceptance is over all its nodes, one path of which can be taken)")
 
     small_speedup = tps["ft_small alone"] / tps["base_large alone"]
     print()
     print(f"ft_small alone over base_large alone: {small_speedup:.2f}x")
-    for kind in ("speculative EFT", "adaptive EFT", "overlap EFT", "perfect drafter"):
+    for kind in ("speculative EFT", "adaptive EFT", "overlap EFT", "tree EFT", "tree+", "perfect drafter"):
         best = max((n for n in tps if n.startswith(kind)), key=tps.get, default=None)
         if best is None:
             continue

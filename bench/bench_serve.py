@@ -4,8 +4,8 @@ One run starts a private local Ray, deploys base_large, base_small and ft_small 
 deployments (``services.launch.family_config``: one replica per role) and loads the same
 three models in this process. For each number of concurrent streams and each mode (plain
 EFT, speculative k = 4, and the other k of ``--ks``, to find the best; with ``--overlap``
-each k also with overlapped drafting, with ``--perfect`` the perfect-drafter ceiling of
-bench_engine at k = 4, chained and overlapped), both backends serve the same pool of
+each k also with overlapped drafting, with ``--trees`` token trees at k = 4, with
+``--perfect`` the perfect-drafter ceiling of bench_engine at k = 4, chained and overlapped), both backends serve the same pool of
 requests (``max(8, 2 x streams)`` requests, ``--max-tokens`` new tokens each; greedy and
 EOS ignored unless ``--temperature`` / ``--stop-at-eos``), through the same engine code. Configurations run once per round,
 rounds interleaved; the tables report medians over rounds: read the ratios, not absolute
@@ -69,6 +69,11 @@ def modes(args: argparse.Namespace) -> dict[str, Mode]:
     out.update({f"k={k}": (EFTSpec(), SpeculativeParams(k=k)) for k in ks})
     if args.overlap:
         out.update({f"overlap k={k}": (EFTSpec(), SpeculativeParams(k=k, overlap=True)) for k in ks})
+    if args.trees:
+        for m in (2, 4):
+            out[f"tree m={m} k=4"] = (EFTSpec(), SpeculativeParams(k=4, confidence=args.tree_confidence, tree_width=m))
+        if args.overlap:
+            out["tree m=2 overlap k=4"] = (EFTSpec(), SpeculativeParams(k=4, confidence=args.tree_confidence, tree_width=2, overlap=True))
     if args.perfect:
         out["perfect k=4"] = (PERFECT_DRAFTER, SpeculativeParams(k=4))
         if args.overlap:
@@ -203,6 +208,8 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8], help="speculative k besides 4 (the best is marked)")
     parser.add_argument("--overlap", action="store_true", help="also each k with overlapped drafting, and the step-time model")
     parser.add_argument("--perfect", action="store_true", help="also the perfect-drafter ceiling at k = 4")
+    parser.add_argument("--trees", action="store_true", help="also token trees (m = 2, 4) at k = 4")
+    parser.add_argument("--tree-confidence", type=float, default=0.5, help="where the tree rows branch")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--stop-at-eos", action="store_true", help="answers end at EOS (default: exactly --max-tokens)")
     args = parser.parse_args()

@@ -210,7 +210,7 @@ def test_tree_acceptance_emits_p_distributed_tokens(width):
     """With the tree and its rows fixed, the first emitted token is p_root-distributed, and
     after a head h the next one is p at h (its branch's chain is then verified as a chain:
     its sampled child is drawn from q there, fresh per sample)."""
-    first, seconds, counts = tree_samples(accept_tree, width, 40_000)
+    first, seconds, counts = tree_samples(accept_tree, width, 20_000)
     assert first > 1e-3
     assert min(counts) > 200, counts
     assert min(seconds) > 1e-3, seconds
@@ -243,3 +243,44 @@ def test_greedy_takes_the_branch_that_matches_and_a_chain_is_the_chain_rule():
         tree = accept_tree(p, q, drafts, [-1, 0, 1], [True] * k, u[:k].tolist(), float(u[k]))
         assert (tree.tokens, tree.accepted) == (chain.tokens, chain.accepted), trial
         assert tree.rows == list(range(len(tree.tokens)))
+
+
+def test_every_role_holds_exactly_the_accepted_path_after_a_tree_block(engine, monkeypatch):
+    """Through the engine, on every role (the drafter and each verifier): whenever a
+    session's next call starts, its cache holds exactly the context accepted so far, less the
+    one token the last block added itself (the correction or bonus): no tree node off the
+    accepted path, nothing accepted recomputed."""
+    import asyncio
+
+    from eft_router.core.spec import SamplingParams, SpeculativeParams
+    from eft_router.engine import GenerationRequest
+
+    seen, checked, trees = {}, [0], [0]
+    acquire = RoleWorker._acquire
+
+    def checking(self, items, keeps):
+        sessions = acquire(self, items, keeps)
+        for (role, session_id, token_ids), keep, session in zip(items, keeps, sessions):
+            assert session.tree is None
+            context = list(token_ids)[: keep + 1]  # the call's context (a scored tree's nodes follow it)
+            if (self.info.name, role, session_id) in seen:  # not its first call: the accepted path is cached
+                assert session.tokens == context[:-1], (self.info.name, role)
+                checked[0] += 1
+            seen[(self.info.name, role, session_id)] = True
+        return sessions
+
+    monkeypatch.setattr(RoleWorker, "_acquire", checking)
+    speculative = SpeculativeParams(k=4, confidence=0.5, tree_width=4)
+    requests = [
+        GenerationRequest(engine.tokenizer(p)["input_ids"], sampling=s, speculative=speculative)
+        for p in ("w1 w2 w3", "w7", "w30 w31 w30 w31")
+        for s in (SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True),
+                  SamplingParams(temperature=1.0, seed=3, max_new_tokens=24, ignore_eos=True))
+    ]
+
+    async def run_all():
+        return await asyncio.gather(*map(engine.generate, requests))
+
+    outs = asyncio.run(run_all())
+    trees[0] = sum(o.stats.drafted_tokens > 4 * o.stats.blocks for o in outs)
+    assert checked[0] > 100 and trees[0] > 0, (checked, trees)

@@ -115,13 +115,21 @@ def accept_tree(
         accepted = None
         for child in children.get(node, []):
             x = tokens[child]
-            q = draft_probs[node + 1].double() if sampled[child] else torch.nn.functional.one_hot(torch.tensor(x), p.shape[-1]).double()
-            if accept_uniforms[child] * float(q[x]) < float(p[x]):
-                accepted = child
-                break
-            residual = torch.clamp(p - q, min=0.0)
-            if float(residual.sum()) > 0:  # else p == q up to rounding: the rejection had probability 0
-                p = residual / residual.sum()
+            if sampled[child]:
+                q = draft_probs[node + 1].double()
+                if accept_uniforms[child] * float(q[x]) < float(p[x]):
+                    accepted = child
+                    break
+                residual = torch.clamp(p - q, min=0.0)
+            else:  # a point mass on x: accepted with probability p(x), else p without x
+                if accept_uniforms[child] < float(p[x]):
+                    accepted = child
+                    break
+                residual = p.clone()
+                residual[x] = 0.0
+            total = float(residual.sum())
+            if total > 0:  # else p == q up to rounding: the rejection had probability 0
+                p = residual / total
         if accepted is None:
             last = int(sample_from(p, final_uniform))
             rows = [0] + [i + 1 for i in path]

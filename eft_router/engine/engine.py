@@ -544,11 +544,16 @@ class Engine:
         if chains:
             for i, o in zip(chains, self._accept_chains([blocks[i] for i in chains], [targets[i] for i in chains])):
                 outcomes[i] = (o.tokens, o.accepted)
-        for i, b in enumerate(blocks):
+        trees = [i for i, b in enumerate(blocks) if b.tree]
+        if trees:  # the drafter's q at every node of every tree, at once
+            q_rows = torch.cat([blocks[i].rows[blocks[i].request.drafter] for i in trees])
+            tree_sizes = [sizes[i] for i in trees]
+            qs = dict(zip(trees, torch.split(sampling_probs(q_rows, *_params([blocks[i] for i in trees], tree_sizes)), tree_sizes)))
+        for i in trees:
+            b = blocks[i]
             if b.tree:
-                q = sampling_probs(b.rows[b.request.drafter], *_params([b], [sizes[i]]))
                 n = len(b.tokens)
-                o = accept_tree(targets[i], q, b.tokens, list(b.draft.parents), list(b.draft.sampled), b.accept_uniforms()[:n], b.final_uniform())
+                o = accept_tree(targets[i], qs[i], b.tokens, list(b.draft.parents), list(b.draft.sampled), b.accept_uniforms()[:n], b.final_uniform())
                 outcomes[i] = (o.tokens, o.accepted)
                 # from here on the block is its path: the rows of what it emits
                 targets[i], scored[i] = targets[i][o.rows], scored[i][o.rows]

@@ -70,6 +70,18 @@ class Tree:
             node = self.parents[node]
         return out[::-1]
 
+    def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, n]`` bool: node j is node i's ancestor or i itself; and each node's depth
+        (0: a child of the root)."""
+        n = len(self.parents)
+        sees = torch.eye(n, dtype=torch.bool)
+        depth = [0] * n
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                sees[i] |= sees[p]
+                depth[i] = depth[p] + 1
+        return sees, torch.tensor(depth, dtype=torch.long)
+
     def extend(self, parents: Sequence[int]) -> "Tree":
         return Tree(self.start, self.parents + tuple(parents))
 
@@ -126,15 +138,15 @@ class SlotBatch:
         write = torch.where(j < new_t.unsqueeze(-1), positions, slot_length)
         # query j of row b sees positions 0..cached+j (pads: as the row's last real token)
         sees = cached_t.unsqueeze(-1) + torch.minimum(j, new_t.unsqueeze(-1) - 1)
-        hidden: dict[int, list[tuple[int, list[int]]]] = {}  # row -> (query, tree positions it must not see)
+        # row -> (its first query in the tree, the first node it feeds, the tree's ancestry)
+        hidden: dict[int, tuple[int, int, torch.Tensor, int]] = {}
         for b, tree in enumerate(trees or ()):
             if tree is not None:
-                for q in range(max(0, tree.start - cached[b]), new[b]):
-                    node = cached[b] + q - tree.start
-                    path = tree.path(node)
-                    positions[b, q] = tree.start + len(path) - 1
-                    on_path = set(path)
-                    hidden.setdefault(b, []).append((q, [tree.start + i for i in range(node) if i not in on_path]))
+                first = max(0, tree.start - cached[b])  # the first new token that is a node
+                node = cached[b] + first - tree.start
+                ancestry, depth = tree.ancestry()
+                positions[b, first : new[b]] = tree.start + depth[node:]
+                hidden[b] = (first, node, ancestry, tree.start)
         bounds = [0] + [b for b in range(1, len(slots)) if slots[b] - slots[b - 1] > MAX_GAP + 1] + [len(slots)]
         runs = [cls._run(slots, sees, start, end, width, device, hidden) for start, end in zip(bounds, bounds[1:])]
         slot_index = torch.tensor(slots, dtype=torch.long).unsqueeze(-1).expand(-1, width)
@@ -143,7 +155,7 @@ class SlotBatch:
     @staticmethod
     def _run(
         slots: Sequence[int], sees: torch.Tensor, start: int, end: int, width: int, device: torch.device,
-        hidden: dict[int, list[tuple[int, list[int]]]],
+        hidden: dict[int, tuple[int, int, torch.Tensor, int]],
     ) -> Run:
         first, span = slots[start], slots[end - 1] - slots[start] + 1
         mine = sees[start:end]
@@ -158,8 +170,9 @@ class SlotBatch:
             visible = torch.arange(length) <= mine.unsqueeze(-1)
             for b in trees:  # a tree node sees the context and its own ancestors
                 row = b - start if offsets is None else int(offsets[b - start])
-                for q, positions in hidden[b]:
-                    visible[row, q, positions] = False
+                q0, node, ancestry, tree_start = hidden[b]
+                fed = ancestry[node:, :]  # the nodes this pass feeds, over every node of the tree
+                visible[row, q0 : q0 + len(fed), tree_start : tree_start + ancestry.shape[1]] = fed
             mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).unsqueeze(1).to(device)
         return Run(slice(start, end), slice(first, first + span), length, mask, None if offsets is None else offsets.to(device))
 
