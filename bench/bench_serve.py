@@ -167,14 +167,15 @@ async def bench(paths: dict[str, str], args: argparse.Namespace) -> None:
           " accept: accepted over drafted tokens)")
     print()
     lo, hi = min(args.streams), max(args.streams)
-    print("scaling (tokens/s at N streams over 1 stream, same mode and backend):")
-    for path in engines:
-        for m in ("plain", "k=4"):
-            row = ", ".join(f"{n}: {tps[(n, m, path)] / tps[(lo, m, path)]:.1f}x" for n in args.streams if n != lo)
-            print(f"  {path:>10} {m:>6}  {row}")
-        row = ", ".join(f"{n}: {tps[(n, best[(n, path)], path)] / tps[(lo, best[(lo, path)], path)]:.1f}x" for n in args.streams if n != lo)
-        print(f"  {path:>10} {'best':>6}  {row}")
-    for n in (lo, 16 if 16 in args.streams else hi):
+    if hi > lo:
+        print("scaling (tokens/s at N streams over 1 stream, same mode and backend):")
+        for path in engines:
+            for m in ("plain", "k=4"):
+                row = ", ".join(f"{n}: {tps[(n, m, path)] / tps[(lo, m, path)]:.1f}x" for n in args.streams if n != lo)
+                print(f"  {path:>10} {m:>6}  {row}")
+            row = ", ".join(f"{n}: {tps[(n, best[(n, path)], path)] / tps[(lo, best[(lo, path)], path)]:.1f}x" for n in args.streams if n != lo)
+            print(f"  {path:>10} {'best':>6}  {row}")
+    for n in dict.fromkeys((lo, 16 if 16 in args.streams else hi)):
         ratios = ", ".join(f"{m} {tps[(n, m, 'Serve')] / tps[(n, m, 'in-process')]:.2f}" for m in ("plain", "k=4"))
         print(f"Serve / in-process at {n} stream(s): {ratios}")
     for m in named:
