@@ -551,13 +551,13 @@ class Engine:
             qs = dict(zip(trees, torch.split(sampling_probs(q_rows, *_params([blocks[i] for i in trees], tree_sizes)), tree_sizes)))
         for i in trees:
             b = blocks[i]
-            if b.tree:
-                n = len(b.tokens)
-                o = accept_tree(targets[i], qs[i], b.tokens, list(b.draft.parents), list(b.draft.sampled), b.accept_uniforms()[:n], b.final_uniform())
-                outcomes[i] = (o.tokens, o.accepted)
-                # from here on the block is its path: the rows of what it emits
-                targets[i], scored[i] = targets[i][o.rows], scored[i][o.rows]
-                b.rows = {r: lp[o.rows] for r, lp in b.rows.items()}
+            o = accept_tree(
+                targets[i], qs[i], b.tokens, list(b.draft.parents), list(b.draft.sampled), b.accept_uniforms(), b.final_uniform()
+            )
+            outcomes[i] = (o.tokens, o.accepted)
+            # from here on the block is its path: the rows of what it emits
+            targets[i], scored[i] = targets[i][o.rows], scored[i][o.rows]
+            b.rows = {r: lp[o.rows] for r, lp in b.rows.items()}
         return outcomes, targets, scored
 
     def _accept_chains(self, blocks: list[_Block], targets: list[torch.Tensor]) -> list:
