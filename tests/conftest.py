@@ -17,6 +17,8 @@ import torch
 # Tiny models run fastest on one thread; more threads than cores slows them many times over.
 torch.set_num_threads(1)
 
+from eft_router.core.acceptance import TreeOutcome, accept_tree
+from eft_router.core.sampling import sample_from
 from eft_router.engine import Engine, Generation, GenerationRequest
 from eft_router.tiny import TinyModel, build_tiny_family
 
@@ -45,6 +47,43 @@ TINY_VOCAB_ROLES = {
 
 
 KV_CACHE_BYTES = 1 << 24  # per role: a few dozen slots of the tiny models' 512 positions
+
+
+class Recording:
+    """A role that logs each call's start and end with its item count,
+    ``(event, call, items)``, in one log that several roles may share."""
+
+    def __init__(self, role: Any, log: list) -> None:
+        self.role, self.log = role, log
+        self.info, self.infos = role.info, role.infos
+
+    async def _logged(self, call: str, items):
+        self.log.append(("start", call, len(items)))
+        try:
+            return await getattr(self.role, call)(items)
+        finally:
+            self.log.append(("end", call, len(items)))
+
+    async def score(self, items):
+        return await self._logged("score", items)
+
+    async def draft(self, items):
+        return await self._logged("draft", items)
+
+    async def release(self, session_ids):
+        await self.role.release(session_ids)
+
+    async def probe(self, timeout_s):
+        await self.role.probe(timeout_s)
+
+
+def first_positive_branch(target, draft_probs, tokens, parents, sampled, accept_uniforms, final_uniform) -> TreeOutcome:
+    """A wrong multi-draft rule, as a drop-in for ``accept_tree``: take the first branch
+    whose token has p > 0, untested, then a bonus token."""
+    head = next((i for i, p in enumerate(parents) if p == -1 and float(target[0, tokens[i]]) > 0), None)
+    if head is None:
+        return accept_tree(target, draft_probs, tokens, parents, sampled, accept_uniforms, final_uniform)
+    return TreeOutcome([tokens[head], int(sample_from(target[head + 1], final_uniform))], 1, [0, head + 1])
 
 
 def generate(engine: Engine, prompt_ids, **fields) -> Generation:

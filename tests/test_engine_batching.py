@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
-from typing import Any
 
 import pytest
 
-from conftest import KV_CACHE_BYTES, replica_stats
+from conftest import KV_CACHE_BYTES, Recording, replica_stats
 from eft_router.core.spec import EFTSpec, SamplingParams, SpecError, SpeculativeParams
 from eft_router.engine import Engine, Generation, GenerationRequest, QueueFull, SchedulerConfig, ScoreRequest
 from eft_router.engine.scheduler import Scheduler
@@ -237,29 +235,6 @@ def test_a_full_queue_is_refused_and_a_request_that_can_never_fit_is_invalid(fam
 # -- one call per role per step ---------------------------------------------------------------
 
 
-class Counting:
-    """A role wrapper counting calls and the items they carry."""
-
-    def __init__(self, role: Any) -> None:
-        self.role, self.info = role, role.info
-        self.calls: Counter = Counter()
-        self.items: Counter = Counter()
-
-    async def score(self, items):
-        self.calls["score"] += 1
-        self.items["score"] += len(items)
-        return await self.role.score(items)
-
-    async def draft(self, items):
-        self.calls["draft"] += 1
-        self.items["draft"] += len(items)
-        return await self.role.draft(items)
-
-    async def release(self, session_ids):
-        self.calls["release"] += 1
-        return await self.role.release(session_ids)
-
-
 @pytest.mark.parametrize("k, overlap", [(0, False), (4, False), (4, True)])
 def test_role_calls_per_step_do_not_grow_with_requests(engine, k, overlap):
     """Each step makes at most one score call per role and one draft call per drafter (the
@@ -268,12 +243,16 @@ def test_role_calls_per_step_do_not_grow_with_requests(engine, k, overlap):
     requests share it; the calls carry every request's items."""
     most, items_per_call = {}, {}
     for n in (1, 4, 16):
-        counted = {name: Counting(role) for name, role in engine.roles.items() if name in ("base_large", "base_small", "ft_small")}
-        e = Engine(counted, engine.tokenizer)
+        log: list = []
+        roles = {name: Recording(role, log) for name, role in engine.roles.items() if name in ("base_large", "base_small", "ft_small")}
+        e = Engine(roles, engine.tokenizer)
         seen, per_step = [0], []
 
+        def calls() -> list[int]:  # the items of every score and draft call so far
+            return [items for event, call, items in log if event == "start" and call in ("score", "draft")]
+
         def count(step) -> None:
-            total = sum(c.calls["score"] + c.calls["draft"] for c in counted.values())
+            total = len(calls())
             per_step.append(total - seen[0])
             seen[0] = total
 
@@ -284,8 +263,7 @@ def test_role_calls_per_step_do_not_grow_with_requests(engine, k, overlap):
         ]
         asyncio.run(together(e, requests))
         most[n] = max(per_step)
-        calls = sum(c.calls["score"] + c.calls["draft"] for c in counted.values())
-        items_per_call[n] = sum(c.items["score"] + c.items["draft"] for c in counted.values()) / calls
+        items_per_call[n] = sum(calls()) / len(calls())
     if overlap:  # a fresh draft and one ahead can share a step with every score (4 or 5 calls)
         assert max(most.values()) in (4, 5) and len(set(most.values())) == 1, most
     else:

@@ -29,7 +29,8 @@ from scipy.stats import power_divergence
 from transformers import AutoModelForCausalLM
 
 import eft_router.engine.engine as engine_module
-from eft_router.core.acceptance import BlockOutcome, TreeOutcome, accept_tree
+from conftest import first_positive_branch
+from eft_router.core.acceptance import BlockOutcome
 from eft_router.core.combine import combine
 from eft_router.core.sampling import sample_from, sampling_probs
 from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
@@ -295,14 +296,6 @@ def test_wrong_acceptance_rules_are_detected(setup, monkeypatch, rule: Callable)
     monkeypatch.setattr(engine_module, "accept_blocks", per_block(rule))
     pvalue, _, _ = check(setup, "T1", N_WRONG, k=2)
     assert pvalue < 1e-6
-
-
-def first_positive_branch(target, draft_probs, tokens, parents, sampled, accept_uniforms, final_uniform) -> TreeOutcome:
-    """Wrong: take the first branch whose token has p > 0, untested, then a bonus token."""
-    head = next((i for i, p in enumerate(parents) if p == -1 and float(target[0, tokens[i]]) > 0), None)
-    if head is None:
-        return accept_tree(target, draft_probs, tokens, parents, sampled, accept_uniforms, final_uniform)
-    return TreeOutcome([tokens[head], int(sample_from(target[head + 1], final_uniform))], 1, [0, head + 1])
 
 
 def test_the_tree_test_has_power(setup, monkeypatch) -> None:

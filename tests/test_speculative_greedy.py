@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import Recording
 from eft_router.engine import Engine, GenerationRequest
 from eft_router.roles.local import LocalRole
 from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
@@ -187,33 +188,6 @@ def test_stream_yields_blocks_that_add_up(engine):
     assert all(1 <= len(c.token_ids) <= 5 for c in chunks)
 
 
-class Recording:
-    """A role that logs when each of its calls starts and ends, in one log for all roles."""
-
-    def __init__(self, role, log: list) -> None:
-        self.role, self.log = role, log
-        self.info, self.infos = role.info, role.infos
-
-    async def _logged(self, call: str, items):
-        self.log.append(("start", call))
-        try:
-            return await getattr(self.role, call)(items)
-        finally:
-            self.log.append(("end", call))
-
-    async def score(self, items):
-        return await self._logged("score", items)
-
-    async def draft(self, items):
-        return await self._logged("draft", items)
-
-    async def release(self, session_ids):
-        await self.role.release(session_ids)
-
-    async def probe(self, timeout_s):
-        await self.role.probe(timeout_s)
-
-
 def test_overlap_drafts_the_next_block_while_this_one_is_verified(engine):
     """With a drafter that is always right (the target is its own distribution), every block
     after the first has its drafts already: each step's only draft call runs while the
@@ -229,7 +203,7 @@ def test_overlap_drafts_the_next_block_while_this_one_is_verified(engine):
         out = asyncio.run(recorded.generate(request))
         assert out.stats.accepted_tokens == out.stats.drafted_tokens  # all accepted
         scoring, alone, alongside = 0, 0, 0
-        for event, call in log:
+        for event, call, _ in log:
             if event == "start" and call == "draft":
                 alongside += scoring > 0
                 alone += scoring == 0

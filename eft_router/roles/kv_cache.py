@@ -62,14 +62,6 @@ class Tree:
     start: int
     parents: tuple[int, ...]
 
-    def path(self, node: int) -> list[int]:
-        """The nodes from the root down to ``node``."""
-        out = []
-        while node >= 0:
-            out.append(node)
-            node = self.parents[node]
-        return out[::-1]
-
     def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n, n]`` bool: node j is node i's ancestor or i itself; and each node's depth
         (0: a child of the root)."""
