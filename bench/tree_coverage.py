@@ -2,8 +2,12 @@
 the up-scaled model emits among the drafter's top m?
 
 A chain drafts one token where the drafter is unsure and is accepted there with probability
-sum_x min(p(x), q(x)); a tree's m branches (the drafter's top m tokens, tried in turn by the
-multi-step rule) are accepted with probability p(top m), exactly. This measures both along
+a = sum_x min(p(x), q(x)). A tree's m branches, tried in turn by the multi-step rule, are
+the token the chain would have sampled, then the drafter's most likely others: after the
+sampled one is rejected, each top token is accepted with its mass under the residual r =
+normalize(max(0, p - q)), so the tree is accepted with probability a + (1 - a) r(tops),
+exactly, never below the chain. Trees of the top m tokens alone (no sampled branch) would be
+accepted with p(top m), also shown. This measures all three along
 answers that plain EFT samples (the embedded family's chat questions, or the synthetic
 family), at every position where the drafter's top probability is below the confidence
 threshold, with p the EFT target at the answer's temperature.
@@ -56,8 +60,9 @@ def main() -> None:
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.tokens, ignore_eos=not args.family)
     plan = EFTSpec().resolve(list(engine.roles))
     # per position of every answer: the drafter's top probability, the emitted token's rank
-    # among the drafter's tokens, p(top m), and the chain's acceptance sum min(p, q)
-    top, rank, mass, chain = [], [], {m: [] for m in args.widths}, []
+    # among the drafter's tokens, p(top m), the chain's acceptance sum min(p, q), and the
+    # tree's (sampled, then top tokens)
+    top, rank, mass, chain, tree = [], [], {m: [] for m in args.widths}, [], {m: [] for m in args.widths}
     for i, prompt in enumerate(prompts):
         for s in range(args.samples):
             request = GenerationRequest(prompt, sampling=replace(sampling, seed=1000 * i + s))
@@ -69,15 +74,19 @@ def main() -> None:
             order = drafter.argsort(dim=-1, descending=True)
             top.append(drafter.max(dim=-1).values)
             rank.append((order == torch.tensor(answer).unsqueeze(-1)).int().argmax(dim=-1))
+            accepted = torch.minimum(p, q).sum(-1)
             for m in args.widths:
                 mass[m].append(p.gather(-1, order[:, :m]).sum(-1))
-            chain.append(torch.minimum(p, q).sum(-1))
+                tree[m].append(sampled_tree_acceptance(p, q, order, m))
+            chain.append(accepted)
     top, rank, chain = torch.cat(top), torch.cat(rank), torch.cat(chain)
     mass = {m: torch.cat(v) for m, v in mass.items()}
+    tree = {m: torch.cat(v) for m, v in tree.items()}
 
     print(f"{'family' if args.family else 'synthetic'}: {len(prompts)} prompts x {args.samples} answers of plain EFT at "
           f"temperature {args.temperature}, {len(top)} positions")
     head = "".join(f"{f'in top {m}':>10}" for m in args.widths) + "".join(f"{f'p(top {m})':>10}" for m in args.widths)
+    head += "".join(f"{f'tree m={m}':>10}" for m in args.widths if m > 1)
     print(f"{'drafter below':>14}{'positions':>11}{'chain acc':>10}{head}")
     for c in args.confidence:
         unsure = top < c
@@ -87,9 +96,27 @@ def main() -> None:
             continue
         within = "".join(f"{float((rank[unsure] < m).float().mean()):>10.3f}" for m in args.widths)
         masses = "".join(f"{float(mass[m][unsure].mean()):>10.3f}" for m in args.widths)
-        print(f"{c:>14.2f}{n / len(top):>10.1%}{float(chain[unsure].mean()):>10.3f}{within}{masses}")
-    print("(in top m: the answer's token among the drafter's m most likely; p(top m): the tree's acceptance "
-          "there; chain acc: a single sampled draft's, sum min(p, q))")
+        trees = "".join(f"{float(tree[m][unsure].mean()):>10.3f}" for m in args.widths if m > 1)
+        print(f"{c:>14.2f}{n / len(top):>10.1%}{float(chain[unsure].mean()):>10.3f}{within}{masses}{trees}")
+    print("(in top m: the answer's token among the drafter's m most likely; p(top m): a tree of the top m tokens' "
+          "acceptance there; chain acc: a single sampled draft's, sum min(p, q); tree m: the sampled token, then "
+          "the m - 1 most likely others, as speculative.tree_width m drafts)")
+
+
+def sampled_tree_acceptance(p: torch.Tensor, q: torch.Tensor, order: torch.Tensor, m: int) -> torch.Tensor:
+    """Per row, the probability that a tree of the sampled token x ~ q, then the drafter's
+    m - 1 most likely tokens other than x, has a branch accepted. A rejected x has p(x) < q(x),
+    so r(x) = 0: the top tokens after it hold r(top m - 1) when x is not among them, else
+    r(top m)."""
+    accepted = torch.minimum(p, q).sum(-1)
+    if m < 2:
+        return accepted
+    waste = torch.clamp(q - p, min=0.0)  # q(x) (1 - min(1, p/q)): x drawn and rejected
+    residual = torch.clamp(p - q, min=0.0)
+    residual = residual / residual.sum(-1, keepdim=True).clamp_min(1e-30)
+    inside = waste.gather(-1, order[:, : m - 1]).sum(-1)
+    fewer, more = residual.gather(-1, order[:, : m - 1]).sum(-1), residual.gather(-1, order[:, :m]).sum(-1)
+    return accepted + (waste.sum(-1) - inside) * fewer + inside * more
 
 
 if __name__ == "__main__":

@@ -113,8 +113,9 @@ def test_a_drafted_tree_is_its_paths(family_paths):
     """Where the drafter is unsure (the root, at a confidence just above its top probability
     there) it branches into its top tokens, once, and each branch drafts on as a chain would,
     ending where the drafter is unsure again or at depth k: node rows are the cold rows of
-    their paths, the heads are the root's top tokens (not sampled), the branches' tokens are
-    greedy argmaxes (sampled), and a tree and a chain share one call."""
+    their paths, the first head is the token a chain samples there (greedy: the argmax) and
+    the others the next most likely (not sampled), the branches' tokens are greedy argmaxes
+    (sampled), and a tree and a chain share one call."""
     w = RoleWorker("ft_small", family_paths["ft_small"], V, kv_cache_bytes=KV)
     k, m = 4, 3
     root = w.score([ScoreItem("probe", CONTEXT, 1)])[0][0].exp()
@@ -127,7 +128,7 @@ def test_a_drafted_tree_is_its_paths(family_paths):
     assert tree.parents is not None and chain.parents is None and len(chain.tokens) == 4
     heads = [i for i, p in enumerate(tree.parents) if p == -1]
     assert [tree.tokens[i] for i in heads] == torch.topk(tree.logprobs[0], m).indices.tolist()
-    assert tree.sampled == tuple(p != -1 for p in tree.parents)
+    assert tree.sampled == tuple(p != -1 or i == heads[0] for i, p in enumerate(tree.parents))
     assert len(tree.tokens) > m and tree.logprobs.shape == (len(tree.tokens) + 1, V)  # some branch went on
     for node in range(len(tree.tokens)):
         path = path_tokens(tree.tokens, tree.parents, node)
@@ -151,19 +152,27 @@ def test_a_drafted_tree_is_its_paths(family_paths):
 
 
 def random_tree(g: torch.Generator, vocab: int, width: int, temperature: float):
-    """A root with ``width`` top-token heads, each with one sampled child, the target a row per
-    position (its own random distribution, as a path-dependent model gives), the drafter
-    close to it."""
+    """A root with ``width`` heads as the drafter branches (a token sampled from q, then q's
+    most likely others), each with one sampled child; the target a row per position (its own
+    random distribution, as a path-dependent model gives), the drafter close to it."""
     rows = 1 + 2 * width
     p = sampling_probs(torch.randn(rows, vocab, generator=g), temperature)
-    q = sampling_probs(torch.randn(rows, vocab, generator=g) + 2 * torch.log(p.clamp_min(1e-9)), temperature)
-    heads = torch.topk(q[0], width).indices.tolist()
-    tokens, parents, sampled = list(heads), [-1] * width, [False] * width
+    q = sampling_probs(torch.randn(rows, vocab, generator=g) + 0.5 * torch.log(p.clamp_min(1e-9)), temperature)
+    tokens, parents, sampled = [0] * width, [-1] * width, [True] + [False] * (width - 1)
     for h in range(width):
-        tokens.append(int(torch.multinomial(q[h + 1], 1, generator=g)))
+        tokens.append(0)
         parents.append(h)
         sampled.append(True)
     return p, q, tokens, parents, sampled
+
+
+def draw_tree(g: torch.Generator, q: torch.Tensor, tokens: list[int], width: int) -> None:
+    """Fresh sampled tokens for ``random_tree``'s nodes: the first head from q at the root
+    (the other heads, q's most likely tokens but it, follow it) and each head's child."""
+    head = int(torch.multinomial(q[0], 1, generator=g))
+    tokens[:width] = [head] + [t for t in torch.topk(q[0], width).indices.tolist() if t != head][: width - 1]
+    for h in range(width):
+        tokens[width + h] = int(torch.multinomial(q[h + 1], 1, generator=g))
 
 
 def g_pvalue(counts: Counter, probs: np.ndarray) -> float:
@@ -182,13 +191,12 @@ def g_pvalue(counts: Counter, probs: np.ndarray) -> float:
 def tree_samples(rule, width: int, n: int) -> tuple[float, list[float], list[int]]:
     """G-test p-values of ``rule``'s first emitted token against p at the root, and of the
     token after each head h (when h was accepted) against p at h; and how many such samples
-    each head had."""
-    g = torch.Generator().manual_seed(width)
+    each head had (the seed's tree has every head accepted often enough to test after it)."""
+    g = torch.Generator().manual_seed(9)
     p, q, tokens, parents, sampled = random_tree(g, 6, width, 1.0)
     first, second = Counter(), {h: Counter() for h in range(width)}
     for _ in range(n):
-        for h in range(width):  # each branch's sampled child, fresh
-            tokens[width + h] = int(torch.multinomial(q[h + 1], 1, generator=g))
+        draw_tree(g, q, tokens, width)
         u = torch.rand(len(tokens) + 1, generator=g, dtype=torch.float64).tolist()
         out = rule(p, q, tokens, parents, sampled, u[:-1], u[-1])
         first[out.tokens[0]] += 1

@@ -104,7 +104,10 @@ def accept_tree(
     becomes the current node; when none is, a token is drawn from the residual and the block
     ends; at a leaf, a bonus token from its p. Each emitted token is then p-distributed given
     the ones before it, as with one draft (a point mass is a draft drawn independently of
-    the target's randomness). Greedy p accepts the child that is its argmax.
+    the target's randomness). Which point masses follow a sampled sibling may depend on it
+    (the drafter's top tokens other than it): whatever it was, its rejection leaves the
+    residual, and each point mass keeps that exact. Greedy p accepts the child that is its
+    argmax.
     """
     children: dict[int, list[int]] = {}
     for i, parent in enumerate(parents):

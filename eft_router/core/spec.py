@@ -284,7 +284,8 @@ class SpeculativeParams:
 
     ``tree_width`` m >= 2 drafts a token tree where the drafter is unsure: at the first
     position below ``confidence`` (where a chain's drafting would end) the drafter branches
-    into its m most likely tokens and drafts on from each; the verifying roles score the
+    into m tokens, the one it samples there and its m - 1 most likely others (so a tree is
+    never accepted less often than the chain), and drafts on from each; the verifying roles score the
     whole tree in one forward pass (a tree attention mask and explicit positions), and
     SpecInfer's multi-step speculative sampling accepts at most one branch per position,
     trying them in turn against the residual, so the output stays exactly EFT-distributed.

@@ -50,9 +50,11 @@ class DraftParams:
     or before a position whose most likely token has probability below ``confidence``.
 
     ``tree_width`` m >= 2 drafts a token tree: at the first position where the drafter is
-    below its confidence (where a chain would end) it branches into its m most likely tokens
-    and drafts on from each, all branches in the same passes, to depth k; a branch ends where
-    the drafter is unsure again. Branch b's token at depth d uses uniform ``d * m + b``."""
+    below its confidence (where a chain would end) it branches into m tokens, the one it
+    samples there (as a chain would) and its m - 1 most likely others, and drafts on from
+    each, all branches in the same passes, to depth k; a branch ends where the drafter is
+    unsure again. Branch b's token at depth d uses uniform ``d * m + b`` (the sampled branch
+    is branch 0)."""
 
     temperature: float = 1.0
     top_k: int = 0

@@ -364,9 +364,13 @@ class RoleWorker:
                 tree, width = trees[j], items[j].params.tree_width
                 if ok:
                     children = [(b, token, True)]
-                elif width > 1 and tree.trunk is None:  # the first unsure position: branch into the top tokens
+                elif width > 1 and tree.trunk is None:
+                    # the first unsure position: branch into the token a chain would sample
+                    # there, then the drafter's most likely others (tried after it, never
+                    # accepted less often than the chain's one draft)
                     tree.trunk = len(tree.tokens)
-                    children = [(b2, top, False) for b2, top in enumerate(torch.topk(row, width).indices.tolist())]
+                    tops = [t for t in torch.topk(row, width).indices.tolist() if t != token][: width - 1]
+                    children = [(b, token, True)] + [(b2, top, False) for b2, top in enumerate(tops, start=1)]
                 else:
                     children = []  # unsure: this branch ends
                 for branch, t, was_sampled in children:
