@@ -5,7 +5,7 @@ The small fine-tunes (``ft_small``, ``ft_small_safe``) as LoRA adapters co-serve
 against the same adapters merged into separate full models (three small models, three
 deployments): the outputs are identical (tests/test_adapters.py), so the rows compare serving
 costs only. Up-scaling (base_large + base_small + ft_small), plain and speculative k = 4,
-greedy, at 1 and 16 streams, in-process and through Ray Serve. Configurations run once per
+greedy (and with ``--overlap`` k = 4 overlapped), at 1 and 16 streams, in-process and through Ray Serve. Configurations run once per
 round, rounds interleaved; medians. Memory: the weights (parameters and buffers) of the
 small group's model against one small model and against three separate small models.
 
@@ -21,12 +21,14 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench_engine import SYNTHETIC, bench_prompts
-from bench_serve import measure
+from bench_serve import Mode, measure
+from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
 from eft_router.roles.adapters import Adapter
 from eft_router.roles.interface import backends
 from eft_router.roles.local import load_local_roles
@@ -83,6 +85,15 @@ def configs(family: bool, tmp: str) -> tuple[dict, dict, dict, dict]:
     return full, adapters, merged, serve_configs
 
 
+def modes(overlap: bool) -> dict[str, Mode]:
+    """Plain up-scaling, speculative k = 4, and with ``--overlap`` k = 4 overlapped (the
+    small group drafts block n + 1 while base_large verifies block n)."""
+    out = {"plain": (EFTSpec(), SpeculativeParams()), "k=4": (EFTSpec(), SpeculativeParams(k=4))}
+    if overlap:
+        out["overlap k=4"] = (EFTSpec(), SpeculativeParams(k=4, overlap=True))
+    return out
+
+
 async def bench(full: dict, adapters: dict, merged: dict, serve_configs: dict, args: argparse.Namespace) -> None:
     local_full = Engine.local({**full, **merged})
     local_adapters = Engine(*load_local_roles(full, adapters=adapters))
@@ -91,29 +102,30 @@ async def bench(full: dict, adapters: dict, merged: dict, serve_configs: dict, a
         roles = await aconnect_serve_roles(list(config.roles), app_prefix=config.app_prefix, served_by=config.served_by())
         engines[("Serve", name)] = Engine(roles, local_full.tokenizer)
     prompts = bench_prompts(local_full, args.family)
-    cases = [(n, k, path) for n in args.streams for k in (0, 4) for path in engines]
-    for n, k, path in cases:  # warm-up
-        await measure(engines[path], prompts, min(n, 4), k, 4)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_tokens, ignore_eos=True)
+    compared = modes(args.overlap)
+    cases = [(n, mode, path) for n in args.streams for mode in compared for path in engines]
+    for n, mode, path in cases:  # warm-up
+        await measure(engines[path], prompts, min(n, 4), compared[mode], replace(sampling, max_new_tokens=4))
     samples: dict[tuple, list[float]] = {c: [] for c in cases}
-    calls: dict[tuple, float] = {}
+    calls: dict[tuple, list[float]] = {c: [] for c in cases}
     for _ in range(args.rounds):
-        for n, k, path in cases:
-            engine = engines[path]
-            before, steps = sum(v for key, v in engine.role_calls.items() if key[1] != "release"), engine.steps
-            load, _ = await measure(engine, prompts, n, k, args.max_tokens)
-            samples[(n, k, path)].append(load.tokens_per_s)
-            calls[(n, k, path)] = (sum(v for key, v in engine.role_calls.items() if key[1] != "release") - before) / (engine.steps - steps)
+        for n, mode, path in cases:
+            load, _, timing = await measure(engines[path], prompts, n, compared[mode], sampling)
+            samples[(n, mode, path)].append(load.tokens_per_s)
+            calls[(n, mode, path)].append(sum(v for key, v in timing["calls"].items() if key[1] != "release") / timing["steps"])
     tps = {c: statistics.median(v) for c, v in samples.items()}
+    per_step = {c: statistics.median(v) for c, v in calls.items()}
     print(f"{'family' if args.family else 'synthetic'}: up-scaling (base_large, base_small, ft_small), {args.max_tokens} tokens "
           f"per request, greedy, max(8, 2 x streams) requests per configuration, medians of {args.rounds} rounds")
     print()
-    print(f"{'streams':>7} {'mode':>6} {'backend':>10} | {'full models':>11} {'adapters':>9} {'adapters/full':>13} | {'calls/step full':>15} {'adapters':>8}")
+    print(f"{'streams':>7} {'mode':>11} {'backend':>10} | {'full models':>11} {'adapters':>9} {'adapters/full':>13} | {'calls/step full':>15} {'adapters':>8}")
     for n in args.streams:
-        for k in (0, 4):
+        for mode in compared:
             for backend in ("in-process", "Serve"):
-                f, a = tps[(n, k, (backend, "full models"))], tps[(n, k, (backend, "adapters"))]
-                cf, ca = calls[(n, k, (backend, "full models"))], calls[(n, k, (backend, "adapters"))]
-                print(f"{n:>7} {'plain' if k == 0 else f'k={k}':>6} {backend:>10} | {f:>11.0f} {a:>9.0f} {a / f:>13.2f} | {cf:>15.2f} {ca:>8.2f}")
+                f, a = tps[(n, mode, (backend, "full models"))], tps[(n, mode, (backend, "adapters"))]
+                cf, ca = per_step[(n, mode, (backend, "full models"))], per_step[(n, mode, (backend, "adapters"))]
+                print(f"{n:>7} {mode:>11} {backend:>10} | {f:>11.0f} {a:>9.0f} {a / f:>13.2f} | {cf:>15.2f} {ca:>8.2f}")
     for (backend, _), engine in engines.items():
         if backend == "Serve":
             for role in backends(engine.roles):
@@ -126,6 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--overlap", action="store_true", help="also speculative k = 4 with overlapped drafting")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault(SERVE_FLAG, "1")  # as `eft serve` runs Serve; before Ray starts

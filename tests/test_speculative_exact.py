@@ -224,10 +224,10 @@ TREE_CONFIDENCE = 0.5  # this drafter is below it at most positions: most blocks
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("width", [2, 4])
 def test_token_trees_keep_the_law(setup, config: str, width: int) -> None:
-    """Blocks that branch into the drafter's top ``width`` tokens where it is unsure, scored
-    as one tree and accepted by the multi-step rule, keep the output law. More accepted
-    drafts per block than the chain at the same confidence (which ends its drafts there)
-    shows the branches were verified and taken."""
+    """Blocks that branch where the drafter is unsure (into the token it samples and its
+    most likely others, ``width`` in all), scored as one tree and accepted by the multi-step
+    rule, keep the output law. More accepted drafts per block than the chain at the same
+    confidence (which ends its drafts there) shows the branches were verified and taken."""
     pvalue, rate, drafts = check(setup, config, CONFIGS[config][1], k=2, confidence=TREE_CONFIDENCE, tree_width=width)
     _, chain_rate, chain_drafts = check(setup, config, 2_000, k=2, confidence=TREE_CONFIDENCE)
     chain_accepted = chain_rate * chain_drafts if chain_drafts else 0.0  # per block
