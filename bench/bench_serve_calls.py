@@ -15,8 +15,9 @@ asyncio caller, one call at a time (median latency) and from 16 concurrent calle
 * throughput-optimized: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in every process before Ray
   starts (all of the above, buffered request logs, and more);
 * the same without direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``), as the project
-  runs it: a direct-ingress replica reports its own running requests to the autoscaler and
-  leaves out the calls that reach it by the gRPC transport.
+  runs it: a direct-ingress replica reports its own running requests to the autoscaler
+  (leaving out the calls that reach it by the gRPC transport), and its graceful shutdown
+  runs out Serve's 20 s timeout.
 
   python bench/bench_serve_calls.py
 """
