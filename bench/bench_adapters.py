@@ -1,13 +1,14 @@
 """The adapter ensemble against separate full models: tokens/s on both backends, and memory.
 
 The small fine-tunes (``ft_small``, ``ft_small_safe``) as LoRA adapters co-served with
-``base_small`` (one model, one deployment, each step's rows of the group in one forward pass)
-against the same adapters merged into separate full models (three small models, three
-deployments): the outputs are identical (tests/test_adapters.py), so the rows compare serving
-costs only. Up-scaling (base_large + base_small + ft_small), plain and speculative k = 4,
-greedy (and with ``--overlap`` k = 4 overlapped), at 1 and 16 streams, in-process and through Ray Serve. Configurations run once per
-round, rounds interleaved; medians. Memory: the weights (parameters and buffers) of the
-small group's model against one small model and against three separate small models.
+``base_small`` (one model, one deployment, each step's rows of the group in one forward
+pass) against the same adapters merged into separate full models (three small models,
+three deployments): the outputs are identical (tests/test_adapters.py), so the rows
+compare serving costs only. Up-scaling (base_large + base_small + ft_small), plain and
+speculative k = 4, greedy (with ``--overlap`` also k = 4 overlapped), at 1 and 16 streams,
+in-process and through Ray Serve. Configurations run once per round, rounds interleaved;
+medians. Memory: the weights (parameters and buffers) of the small group's model against
+one small model and against three separate small models.
 
   python bench/bench_adapters.py              # synthetic: tiny base models, random LoRA adapters
   python bench/bench_adapters.py --family     # the embedded family's LoRA fine-tunes (eft family build)
@@ -27,8 +28,8 @@ from pathlib import Path
 import torch
 
 from bench_engine import SYNTHETIC, bench_prompts
-from bench_serve import Mode, measure
-from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
+from bench_serve import measure, modes
+from eft_router.core.spec import SamplingParams
 from eft_router.roles.adapters import Adapter
 from eft_router.roles.interface import backends
 from eft_router.roles.local import load_local_roles
@@ -85,15 +86,6 @@ def configs(family: bool, tmp: str) -> tuple[dict, dict, dict, dict]:
     return full, adapters, merged, serve_configs
 
 
-def modes(overlap: bool) -> dict[str, Mode]:
-    """Plain up-scaling, speculative k = 4, and with ``--overlap`` k = 4 overlapped (the
-    small group drafts block n + 1 while base_large verifies block n)."""
-    out = {"plain": (EFTSpec(), SpeculativeParams()), "k=4": (EFTSpec(), SpeculativeParams(k=4))}
-    if overlap:
-        out["overlap k=4"] = (EFTSpec(), SpeculativeParams(k=4, overlap=True))
-    return out
-
-
 async def bench(full: dict, adapters: dict, merged: dict, serve_configs: dict, args: argparse.Namespace) -> None:
     local_full = Engine.local({**full, **merged})
     local_adapters = Engine(*load_local_roles(full, adapters=adapters))
@@ -103,7 +95,8 @@ async def bench(full: dict, adapters: dict, merged: dict, serve_configs: dict, a
         engines[("Serve", name)] = Engine(roles, local_full.tokenizer)
     prompts = bench_prompts(local_full, args.family)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_tokens, ignore_eos=True)
-    compared = modes(args.overlap)
+    # bench_serve's modes at k = 4 only: plain, k=4 and with --overlap "overlap k=4"
+    compared = modes(argparse.Namespace(ks=[], overlap=args.overlap, trees=False, perfect=False))
     cases = [(n, mode, path) for n in args.streams for mode in compared for path in engines]
     for n, mode, path in cases:  # warm-up
         await measure(engines[path], prompts, min(n, 4), compared[mode], replace(sampling, max_new_tokens=4))

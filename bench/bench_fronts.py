@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import resource
 import statistics
 import tempfile
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 import httpx2
 import openai
+import psutil
 import torch
 import yaml
 
@@ -92,11 +91,8 @@ def raw_http_stream(client: httpx2.AsyncClient, k: int, max_tokens: int) -> Stre
 
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU time of this process, or of process ``pid``."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 async def bench(engine: Engine, server: int, ports: tuple[int, int], prompts: list[list[int]], args) -> tuple[dict[tuple, list[Load]], dict[tuple, list[tuple[float, float]]]]:

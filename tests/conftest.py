@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -84,6 +85,14 @@ def first_positive_branch(target, draft_probs, tokens, parents, sampled, accept_
     if head is None:
         return accept_tree(target, draft_probs, tokens, parents, sampled, accept_uniforms, final_uniform)
     return TreeOutcome([tokens[head], int(sample_from(target[head + 1], final_uniform))], 1, [0, head + 1])
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a front whose config has no 'any free
+    port' value: HTTP's 0 means off)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def generate(engine: Engine, prompt_ids, **fields) -> Generation:

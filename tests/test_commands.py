@@ -12,7 +12,6 @@ import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from conftest import free_port
 from eft_router.server.client import EFTClient
 
 EFT = str(Path(sys.executable).parent / "eft")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> tuple[re.Match, str]:

@@ -12,14 +12,13 @@ import asyncio
 import copy
 import http.client
 import json
-import socket
 import time
 import uuid
 
 import openai
 import pytest
 
-from conftest import replica_stats
+from conftest import free_port, replica_stats
 from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
 from eft_router.engine import Engine, GenerationRequest, ScoreRequest
 from eft_router.server.client import EFTClient
@@ -29,12 +28,6 @@ from eft_router.server.messages import RequestDefaults
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 GREEDY = dict(temperature=0.0, max_tokens=12)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def templated(engine: Engine):
