@@ -1,14 +1,20 @@
-"""The engine benchmark as a user runs it: a separate process over given models, one short
-round. Its figures are not checked (timing belongs to benchmarks, not tests), but its table
-is: every row, and the perfect-drafter rows' defining property, acceptance exactly 1."""
+"""The benchmarks as a user runs them: separate processes, one short round. Their figures are
+not checked (timing belongs to benchmarks, not tests), but their tables are: the engine
+benchmark's every row and the perfect-drafter rows' defining property, acceptance exactly 1;
+the others' rows and the figures fixed by design."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_engine.py"
 
@@ -33,3 +39,43 @@ def test_the_perfect_drafter_calls_every_role():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert set(bench.PERFECT_DRAFTER.resolve(list(bench.ROLES)).roles) == set(bench.ROLES)
+
+
+# The other benchmarks, each as a user runs it on its synthetic models, in the shortest
+# form its options allow (about 1.5 minutes in all): a benchmark that nobody runs breaks
+# unseen (bench_adapters once did, when a function it shares changed). Each check reads a
+# figure whose value is fixed by the design, not by timing, or the line that summarises a run.
+SMOKE = {
+    "bench_serve.py": (
+        ["--rounds", "1", "--streams", "1", "2", "--ks", "2", "--max-tokens", "4"],
+        [r"^\s+2\s+k=2 \|", r"Serve / in-process at 2 stream\(s\): plain [\d.]+, k=4 [\d.]+"],
+    ),
+    "bench_adapters.py": (  # a co-served group answers a plain step in 2 calls instead of 3
+        ["--rounds", "1", "--streams", "1", "--max-tokens", "4"],
+        [r"^\s+1\s+plain\s+Serve \|.*\|\s+3\.00\s+2\.00$", r"^\s+1\s+k=4\s+in-process \|.*\|\s+3\.00\s+2\.00$"],
+    ),
+    "bench_fronts.py": (
+        ["--rounds", "1", "--streams", "1", "--max-tokens", "4"],
+        [r"^\s+1\s+k=4 \|(\s+[\d.]+\s+[\d.]+ \|){4}(\s+[\d.]+){3}$", r"^\s+1\s+plain \|\s+[\d.]+ / [\d.]+"],
+    ),
+    "bench_steps.py": (["--lengths", "32", "64", "--sessions", "2", "--repeats", "2"], [r"^\s+32\s+[\d.]+", r"^\s+64\s+[\d.]+"]),
+    "tree_coverage.py": (["--prompts", "2", "--samples", "1", "--tokens", "8"], [r"^\s+0\.50\s+[\d.]+%(\s+[\d.]+){9}$"]),
+    "soak.py": (  # 4 streams: one of them on the OpenAI HTTP API
+        ["--minutes", "0.15", "--streams", "4", "--report-every", "3"],
+        [r"^unexpected errors: 0$", r"gRPC OK \d+", r"HTTP OK \d+"],
+    ),
+}
+
+
+@pytest.mark.parametrize("script", list(SMOKE))
+def test_benchmark_runs_and_prints_its_table(script: str, tmp_path: Path):
+    args, patterns = SMOKE[script]
+    ray_dir = tempfile.mkdtemp(prefix="eft-b-")  # its own private Ray, apart from the suite's (short: unix socket paths)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")} | {"RAY_TMPDIR": ray_dir}
+    try:
+        run = subprocess.run([sys.executable, str(BENCH.parent / script), *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for pattern in patterns:
+        assert re.search(pattern, run.stdout, flags=re.MULTILINE), f"{pattern!r} not in:\n{run.stdout}"
