@@ -95,8 +95,7 @@ async def bench(full: dict, adapters: dict, merged: dict, serve_configs: dict, a
         engines[("Serve", name)] = Engine(roles, local_full.tokenizer)
     prompts = bench_prompts(local_full, args.family)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_tokens, ignore_eos=True)
-    # bench_serve's modes at k = 4 only: plain, k=4 and with --overlap "overlap k=4"
-    compared = modes(argparse.Namespace(ks=[], overlap=args.overlap, trees=False, perfect=False))
+    compared = modes(overlap=args.overlap)  # plain, k=4 and with --overlap "overlap k=4"
     cases = [(n, mode, path) for n in args.streams for mode in compared for path in engines]
     for n, mode, path in cases:  # warm-up
         await measure(engines[path], prompts, min(n, 4), compared[mode], replace(sampling, max_new_tokens=4))

@@ -37,6 +37,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+from typing import Sequence
 
 import torch
 
@@ -62,21 +63,22 @@ async def forward_seconds(engine: Engine) -> float:
 Mode = tuple[EFTSpec, SpeculativeParams]
 
 
-def modes(args: argparse.Namespace) -> dict[str, Mode]:
-    """The configurations compared: plain, a chain per k, and the options asked for."""
-    ks = sorted({4, *args.ks})
+def modes(ks: Sequence[int] = (), overlap: bool = False, trees: bool = False, perfect: bool = False, tree_confidence: float = 0.5) -> dict[str, Mode]:
+    """The configurations compared: plain, a chain at k = 4 and at each of ``ks``, and the
+    options asked for."""
+    ks = sorted({4, *ks})
     out: dict[str, Mode] = {"plain": (EFTSpec(), SpeculativeParams())}
     out.update({f"k={k}": (EFTSpec(), SpeculativeParams(k=k)) for k in ks})
-    if args.overlap:
+    if overlap:
         out.update({f"overlap k={k}": (EFTSpec(), SpeculativeParams(k=k, overlap=True)) for k in ks})
-    if args.trees:
+    if trees:
         for m in (2, 4):
-            out[f"tree m={m} k=4"] = (EFTSpec(), SpeculativeParams(k=4, confidence=args.tree_confidence, tree_width=m))
-        if args.overlap:
-            out["tree m=2 overlap k=4"] = (EFTSpec(), SpeculativeParams(k=4, confidence=args.tree_confidence, tree_width=2, overlap=True))
-    if args.perfect:
+            out[f"tree m={m} k=4"] = (EFTSpec(), SpeculativeParams(k=4, confidence=tree_confidence, tree_width=m))
+        if overlap:
+            out["tree m=2 overlap k=4"] = (EFTSpec(), SpeculativeParams(k=4, confidence=tree_confidence, tree_width=2, overlap=True))
+    if perfect:
         out["perfect k=4"] = (PERFECT_DRAFTER, SpeculativeParams(k=4))
-        if args.overlap:
+        if overlap:
             out["perfect overlap k=4"] = (PERFECT_DRAFTER, SpeculativeParams(k=4, overlap=True))
     return out
 
@@ -124,7 +126,7 @@ async def bench(paths: dict[str, str], args: argparse.Namespace) -> None:
     local = Engine.local(paths)
     engines = {"in-process": local, "Serve": Engine(await aconnect_serve_roles(list(ROLES)), local.tokenizer)}
     prompts = bench_prompts(local, args.family)
-    named = modes(args)
+    named = modes(args.ks, args.overlap, args.trees, args.perfect, args.tree_confidence)
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_tokens, ignore_eos=not args.stop_at_eos)
     configs = [(n, m, path) for n in args.streams for m in named for path in engines]
     for n, m, path in configs:  # warm-up: first calls, caches, code paths

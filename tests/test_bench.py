@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_engine.py"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH = BENCH_DIR / "bench_engine.py"
 
 
 def test_bench_engine_prints_every_row_and_a_perfect_drafter_is_never_rejected(family_paths):
@@ -73,7 +74,7 @@ def test_benchmark_runs_and_prints_its_table(script: str, tmp_path: Path):
     ray_dir = tempfile.mkdtemp(prefix="eft-b-")  # its own private Ray, apart from the suite's (short: unix socket paths)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")} | {"RAY_TMPDIR": ray_dir}
     try:
-        run = subprocess.run([sys.executable, str(BENCH.parent / script), *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        run = subprocess.run([sys.executable, str(BENCH_DIR / script), *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-3000:]
