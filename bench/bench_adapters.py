@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ from eft_router.core.spec import SamplingParams
 from eft_router.roles.adapters import Adapter
 from eft_router.roles.interface import backends
 from eft_router.roles.local import load_local_roles
-from eft_router.roles.serve import SERVE_FLAG, aconnect_serve_roles
+from eft_router.roles.serve import aconnect_serve_roles, use_serve_env
 from eft_router.engine import Engine
 from eft_router.tiny import build_tiny_family, merged_lora, tiny_lora
 
@@ -133,7 +132,7 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="also speculative k = 4 with overlapped drafting")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    os.environ.setdefault(SERVE_FLAG, "1")  # as `eft serve` runs Serve; before Ray starts
+    use_serve_env()  # as `eft serve` runs Serve; before Ray starts
 
     from ray import serve
 

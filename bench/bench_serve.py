@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -46,7 +45,7 @@ from load import Load, run_streams
 from eft_router.core.spec import EFTSpec, SamplingParams, SpeculativeParams
 from eft_router.engine import Engine, GenerationRequest
 from eft_router.roles.interface import backends
-from eft_router.roles.serve import SERVE_FLAG, aconnect_serve_roles
+from eft_router.roles.serve import aconnect_serve_roles, use_serve_env
 
 
 async def forward_seconds(engine: Engine) -> float:
@@ -63,12 +62,17 @@ async def forward_seconds(engine: Engine) -> float:
 Mode = tuple[EFTSpec, SpeculativeParams]
 
 
-def modes(ks: Sequence[int] = (), overlap: bool = False, trees: bool = False, perfect: bool = False, tree_confidence: float = 0.5) -> dict[str, Mode]:
+def modes(
+    ks: Sequence[int] = (), overlap: bool = False, trees: bool = False, perfect: bool = False, tree_confidence: float = 0.5,
+    adaptive: bool = False,
+) -> dict[str, Mode]:
     """The configurations compared: plain, a chain at k = 4 and at each of ``ks``, and the
     options asked for."""
     ks = sorted({4, *ks})
     out: dict[str, Mode] = {"plain": (EFTSpec(), SpeculativeParams())}
     out.update({f"k={k}": (EFTSpec(), SpeculativeParams(k=k)) for k in ks})
+    if adaptive:
+        out.update({f"adaptive k<={k}": (EFTSpec(), SpeculativeParams(k=k, adaptive=True)) for k in ks if k >= 4})
     if overlap:
         out.update({f"overlap k={k}": (EFTSpec(), SpeculativeParams(k=k, overlap=True)) for k in ks})
     if trees:
@@ -126,7 +130,7 @@ async def bench(paths: dict[str, str], args: argparse.Namespace) -> None:
     local = Engine.local(paths)
     engines = {"in-process": local, "Serve": Engine(await aconnect_serve_roles(list(ROLES)), local.tokenizer)}
     prompts = bench_prompts(local, args.family)
-    named = modes(args.ks, args.overlap, args.trees, args.perfect, args.tree_confidence)
+    named = modes(args.ks, overlap=args.overlap, trees=args.trees, perfect=args.perfect, tree_confidence=args.tree_confidence, adaptive=args.adaptive)
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_tokens, ignore_eos=not args.stop_at_eos)
     configs = [(n, m, path) for n in args.streams for m in named for path in engines]
     for n, m, path in configs:  # warm-up: first calls, caches, code paths
@@ -211,13 +215,14 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 8], help="speculative k besides 4 (the best is marked)")
     parser.add_argument("--overlap", action="store_true", help="also each k with overlapped drafting, and the step-time model")
     parser.add_argument("--perfect", action="store_true", help="also the perfect-drafter ceiling at k = 4")
+    parser.add_argument("--adaptive", action="store_true", help="also adaptive block sizes, k at most 4 and each k of --ks above it")
     parser.add_argument("--trees", action="store_true", help="also token trees (m = 2, 4) at k = 4")
     parser.add_argument("--tree-confidence", type=float, default=0.5, help="where the tree rows branch")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--stop-at-eos", action="store_true", help="answers end at EOS (default: exactly --max-tokens)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    os.environ.setdefault(SERVE_FLAG, "1")  # as `eft serve` runs Serve; before Ray starts
+    use_serve_env()  # as `eft serve` runs Serve; before Ray starts
 
     from ray import serve
 

@@ -14,10 +14,14 @@ asyncio caller, one call at a time (median latency) and from 16 concurrent calle
   (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` in the replica's runtime environment);
 * throughput-optimized: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in every process before Ray
   starts (all of the above, buffered request logs, and more);
-* the same without direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``), as the project
-  runs it: a direct-ingress replica reports its own running requests to the autoscaler
+* the same without direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``) and with Serve's
+  4 MiB message cap lifted (``roles.serve.SERVE_ENV``), as the project runs it: a direct-ingress replica reports its own running requests to the autoscaler
   (leaving out the calls that reach it by the gRPC transport), and its graceful shutdown
   runs out Serve's 20 s timeout.
+
+Then, in the project's setting, the wire format of the rows: one call returning the rows of
+16 requests at k = 4 (``[80, V]`` float32) at V = 1024 and 32,000, as a torch tensor and
+as a NumPy array (what the role deployments return: it pickles as one buffer).
 
   python bench/bench_serve_calls.py
 """
@@ -32,8 +36,12 @@ import subprocess
 import sys
 import time
 
+from eft_router.roles.serve import SERVE_ENV
+
 GRPC, LOOP = {"_by_reference": False}, {"_run_router_in_separate_loop": False}
 REPLICA_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+PROJECT = "the same, no direct ingress"  # as the project runs Serve
+PAYLOADS = [(80, 1024), (80, 32000)]  # the rows of 16 requests at k = 4
 SETTINGS = {  # name: (environment before Ray starts, handle init options, handle options, replica runtime_env)
     "default": ({}, {}, {}, None),
     "gRPC handle transport": ({}, {}, GRPC, None),
@@ -41,19 +49,23 @@ SETTINGS = {  # name: (environment before Ray starts, handle init options, handl
     "both handle options": ({}, LOOP, GRPC, None),
     "both, replica code on its loop": ({}, LOOP, GRPC, REPLICA_LOOP),
     "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}, {}, None),
-    "the same, no direct ingress": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}, {}, {}, None),
+    PROJECT: ({**SERVE_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}, {}, {}, None),
 }
 
 
-def child(init: dict, options: dict, runtime_env: dict | None, calls: int) -> dict[str, float]:
+def child(init: dict, options: dict, runtime_env: dict | None, calls: int, payloads: bool) -> dict[str, float]:
     import ray
     import torch
     from ray import serve
 
     @serve.deployment(max_ongoing_requests=64, ray_actor_options={"runtime_env": runtime_env} if runtime_env else {})
     class Rows:
-        async def rows(self) -> torch.Tensor:
-            return torch.zeros(5, 1024)
+        def __init__(self) -> None:
+            self.payloads = {shape: torch.randn(*shape) for shape in [(5, 1024), *PAYLOADS]}
+
+        async def rows(self, shape: tuple[int, int] = (5, 1024), numpy: bool = False):
+            rows = self.payloads[tuple(shape)]
+            return rows.numpy() if numpy else rows
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
@@ -81,6 +93,14 @@ def child(init: dict, options: dict, runtime_env: dict | None, calls: int) -> di
             started = time.perf_counter()
             await asyncio.gather(*(caller() for _ in range(16)))
             result = {"one_ms": 1e3 * statistics.median(one), "calls_per_s": 16 * (calls // 4) / (time.perf_counter() - started)}
+            for shape in PAYLOADS if payloads else ():
+                for numpy in (False, True):
+                    times = []
+                    for _ in range(calls // 4):
+                        started = time.perf_counter()
+                        await handle.rows.remote(shape, numpy)
+                        times.append(time.perf_counter() - started)
+                    result[f"{shape[0]}x{shape[1]} {'NumPy array' if numpy else 'torch tensor'}"] = 1e3 * statistics.median(times)
             await handle.shutdown_async()  # on this loop: a router bound to it cannot outlive it
             return result
 
@@ -92,7 +112,7 @@ def child(init: dict, options: dict, runtime_env: dict | None, calls: int) -> di
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, init, options, runtime_env = SETTINGS[sys.argv[2]]
-        print(json.dumps(child(init, options, runtime_env, int(sys.argv[3]))))
+        print(json.dumps(child(init, options, runtime_env, int(sys.argv[3]), sys.argv[2] == PROJECT)))
         return
     calls = 400
     print(f"a handle call returning a [5, 1024] float32 tensor; median of {calls} single calls, and 16 concurrent callers")
@@ -104,6 +124,14 @@ def main() -> None:
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name:<36} {r['one_ms']:>12.2f} {r['calls_per_s']:>19.0f}", flush=True)
+        if name == PROJECT:
+            formats = {key: ms for key, ms in r.items() if key not in ("one_ms", "calls_per_s")}
+    print()
+    print(f"the rows' wire format ({PROJECT}): median of {calls // 4} single calls")
+    print(f"{'rows':<12} {'torch tensor ms':>16} {'NumPy array ms':>15} {'tensor / array':>15}")
+    for rows, cols in PAYLOADS:
+        tensor, array = formats[f"{rows}x{cols} torch tensor"], formats[f"{rows}x{cols} NumPy array"]
+        print(f"{f'[{rows}, {cols}]':<12} {tensor:>16.2f} {array:>15.2f} {tensor / array:>15.2f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -37,7 +36,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from .core.spec import PRESETS
-from .roles.serve import SERVE_FLAG
+from .roles.serve import use_serve_env
 from .server.client import EFTClient
 from .server.messages import finish_reason_name
 
@@ -309,9 +308,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     if args.command in ("serve", "demo"):
-        # before Ray and Serve start in this process (and the Ray it may start): Serve's
-        # throughput-optimized settings, measured ~1.6x more calls/s (bench/bench_serve_calls.py)
-        os.environ.setdefault(SERVE_FLAG, "1")
+        use_serve_env()  # before Ray and Serve start in this process (and the Ray it may start)
     commands = {"tiny-family": _tiny_family, "family": _family, "eval": _eval, "serve": _serve, "demo": _demo}
     clients = {"generate": _generate, "score": _score, "models": _models}
     try:

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from eft_router.core.spec import FT_SMALL, EFTSpec, SamplingParams, SpecError, SpeculativeParams
 from eft_router.roles.adapters import Adapter
-from eft_router.roles.serve import APP_PREFIX, DEPLOYMENT_NAME, SERVE_FLAG
+from eft_router.roles.serve import APP_PREFIX, DEPLOYMENT_NAME, SERVE_ENV
 from eft_router.roles.worker import DEFAULT_KV_CACHE_BYTES
 from eft_router.server.config import RouterConfig
 from eft_router.server.messages import RequestDefaults
@@ -188,14 +188,14 @@ class RoleConfig(_Strict):
         actor = self.ray_actor_options.to_dict()
         # Serve's throughput-optimized settings in every replica (user code on the replica's
         # event loop, the gRPC handle transport, buffered request logs): measured in
-        # bench/bench_serve_calls.py. They also turn on direct ingress, which the router has
+        # bench/bench_serve_calls.py; and room for large replies (roles.serve.SERVE_ENV). They also turn on direct ingress, which the router has
         # no use for (it reaches roles by handles only) and which costs twice: its replicas
         # report their own running requests to the autoscaler, leaving out the calls that
         # reach them by the gRPC transport (an autoscaled role under load never scaled up),
         # and each replica's graceful shutdown runs out its 20 s timeout (a deleted,
         # redeployed or scaled-down replica took 21 s to go, 3 s without). Handle calls are
         # as fast without it.
-        env = {SERVE_FLAG: "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+        env = {**SERVE_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
         runtime_env = actor.get("runtime_env") or {}
         actor["runtime_env"] = {**runtime_env, "env_vars": {**env, **runtime_env.get("env_vars", {})}}
         if self.tp_size > 1:

@@ -21,7 +21,13 @@ torch.set_num_threads(1)
 from eft_router.core.acceptance import TreeOutcome, accept_tree
 from eft_router.core.sampling import sample_from
 from eft_router.engine import Engine, Generation, GenerationRequest
+from eft_router.roles.serve import MAX_MESSAGE_FLAG, SERVE_ENV
 from eft_router.tiny import TinyModel, build_tiny_family
+
+# Room for large replies in this process's Serve handles, as in every process the project
+# starts (Serve reads it when it is imported). The rest of SERVE_ENV reaches the replicas
+# by their deployment options; this process keeps Serve's default handle settings.
+os.environ.setdefault(MAX_MESSAGE_FLAG, SERVE_ENV[MAX_MESSAGE_FLAG])
 
 if TYPE_CHECKING:
     from ray.cluster_utils import Cluster

@@ -489,11 +489,13 @@ def test_serve_config_is_what_the_ensemble_config_generates(serve_file, ensemble
 def test_every_replica_runs_throughput_optimized_without_direct_ingress(ensemble):
     """Autoscaled or not, every role's replicas get Serve's throughput settings without
     direct ingress (which hides handle calls from the autoscaler and makes each replica's
-    shutdown run out Serve's 20 s timeout); a user's own variables are kept, and win."""
+    shutdown run out Serve's 20 s timeout) and with room for replies over 4 MiB; a user's
+    own variables are kept, and win."""
     own = {"runtime_env": {"env_vars": {"MY_FLAG": "x", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}}}
     for role, rc in ensemble.roles.items():
         env = rc.deployment_options()["ray_actor_options"]["runtime_env"]["env_vars"]
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0", (role, env)
+        assert env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(2**31 - 1), (role, env)  # replies over 4 MiB
         custom = rc.model_copy(update={"ray_actor_options": rc.ray_actor_options.model_validate({**rc.ray_actor_options.to_dict(), **own})})
         env = custom.deployment_options()["ray_actor_options"]["runtime_env"]["env_vars"]
         assert env["MY_FLAG"] == "x" and env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"

@@ -17,10 +17,11 @@ import yaml
 from pydantic import ValidationError
 
 from conftest import SERVED_ROLES as SERVED
-from conftest import replica_stats, served_ensemble_config
+from conftest import KV_CACHE_BYTES, replica_stats, served_ensemble_config
 from eft_router.core.spec import SamplingParams, SpeculativeParams
 from eft_router.engine import GenerationRequest, ScoreRequest
 from eft_router.roles.interface import DraftItem, DraftParams, ScoreItem
+from eft_router.tiny import TinyModel, build_tiny_family
 
 PROMPTS = ["w1 w2 w3", "w7", "w30 w31 w30 w31 w5"]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
@@ -150,6 +151,35 @@ def test_draft_equals_in_process(serve_roles, engine):
     (stopped,) = asyncio.run(serve_roles["ft_small"].draft([DraftItem(sid, prompt, 4, stopping, uniforms)]))
     asyncio.run(serve_roles["ft_small"].release([sid]))
     assert stopped.tokens == local.tokens[: local.tokens.index(stop) + 1]
+
+
+def test_a_reply_over_4_mib_arrives(ray_cluster, tmp_path):
+    """A call's reply is 4 (k + 1) V bytes per request: at a hub model's vocabulary one
+    step passes Serve's default cap of 4 MiB per message (16 requests, k = 4, V = 32,000:
+    10 MB), which ended the call with RESOURCE_EXHAUSTED before every process the project
+    starts raised it (``roles.serve.SERVE_ENV``). Here 200 rows of an 8,002-token vocabulary
+    (6.4 MB) in one reply, equal to the in-process worker's."""
+    from ray import serve
+
+    from eft_router.roles.serve import connect_serve_roles
+    from eft_router.roles.worker import RoleWorker
+    from services.app import deploy_ensemble
+    from services.config import EnsembleConfig
+
+    paths = build_tiny_family(tmp_path, [f"v{i}" for i in range(8000)], {"base_small": TinyModel(seed=3)})
+    role_config = {"model": paths["base_small"], "ray_actor_options": {"num_cpus": 0.25}, "kv_cache_bytes": KV_CACHE_BYTES}
+    config = EnsembleConfig.model_validate({"roles": {"base_small": role_config}, "drafter": "base_small", "app_prefix": "wide-"})
+    deploy_ensemble(config)
+    try:
+        role = connect_serve_roles(["base_small"], app_prefix="wide-")["base_small"]
+        token_ids = [2 + (7 * i) % 8000 for i in range(200)]
+        (remote,) = asyncio.run(role.score([ScoreItem("wide", token_ids, len(token_ids))]))
+        asyncio.run(role.release(["wide"]))
+    finally:
+        serve.delete("wide-base_small")
+    assert remote.shape == (200, 8002) and remote.numel() * 4 > 4 * 2**20
+    (local,) = RoleWorker("base_small", paths["base_small"], 8002, kv_cache_bytes=KV_CACHE_BYTES).score([ScoreItem("wide", token_ids, len(token_ids))])
+    torch.testing.assert_close(remote, local, atol=1e-6, rtol=0)
 
 
 def test_errors_name_the_role(serve_roles, engine):
