@@ -17,7 +17,8 @@ asyncio caller, one call at a time (median latency) and from 16 concurrent calle
 * the same without direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``) and with Serve's
   4 MiB message cap lifted (``roles.serve.SERVE_ENV``), as the project runs it: a direct-ingress replica reports its own running requests to the autoscaler
   (leaving out the calls that reach it by the gRPC transport), and its graceful shutdown
-  runs out Serve's 20 s timeout.
+  runs out Serve's 20 s timeout;
+* the same with Serve's per-request access log off (``logging_config`` of the deployment).
 
 Then, in the project's setting, the wire format of the rows: one call returning the rows of
 16 requests at k = 4 (``[80, V]`` float32) at V = 1024 and 32,000, as a torch tensor and
@@ -39,26 +40,28 @@ import time
 from eft_router.roles.serve import SERVE_ENV
 
 GRPC, LOOP = {"_by_reference": False}, {"_run_router_in_separate_loop": False}
-REPLICA_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+REPLICA_LOOP = {"ray_actor_options": {"runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}}
 PROJECT = "the same, no direct ingress"  # as the project runs Serve
 PAYLOADS = [(80, 1024), (80, 32000)]  # the rows of 16 requests at k = 4
-SETTINGS = {  # name: (environment before Ray starts, handle init options, handle options, replica runtime_env)
-    "default": ({}, {}, {}, None),
-    "gRPC handle transport": ({}, {}, GRPC, None),
-    "router on the caller's loop": ({}, LOOP, {}, None),
-    "both handle options": ({}, LOOP, GRPC, None),
+PROJECT_ENV = {**SERVE_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+SETTINGS = {  # name: (environment before Ray starts, handle init options, handle options, deployment options)
+    "default": ({}, {}, {}, {}),
+    "gRPC handle transport": ({}, {}, GRPC, {}),
+    "router on the caller's loop": ({}, LOOP, {}, {}),
+    "both handle options": ({}, LOOP, GRPC, {}),
     "both, replica code on its loop": ({}, LOOP, GRPC, REPLICA_LOOP),
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}, {}, None),
-    PROJECT: ({**SERVE_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}, {}, {}, None),
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}, {}, {}),
+    PROJECT: (PROJECT_ENV, {}, {}, {}),
+    "the same, access log off": (PROJECT_ENV, {}, {}, {"logging_config": {"enable_access_log": False}}),
 }
 
 
-def child(init: dict, options: dict, runtime_env: dict | None, calls: int, payloads: bool) -> dict[str, float]:
+def child(init: dict, options: dict, deployment: dict, calls: int, payloads: bool) -> dict[str, float]:
     import ray
     import torch
     from ray import serve
 
-    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"runtime_env": runtime_env} if runtime_env else {})
+    @serve.deployment(max_ongoing_requests=64, **deployment)
     class Rows:
         def __init__(self) -> None:
             self.payloads = {shape: torch.randn(*shape) for shape in [(5, 1024), *PAYLOADS]}
@@ -111,8 +114,8 @@ def child(init: dict, options: dict, runtime_env: dict | None, calls: int, paylo
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, init, options, runtime_env = SETTINGS[sys.argv[2]]
-        print(json.dumps(child(init, options, runtime_env, int(sys.argv[3]), sys.argv[2] == PROJECT)))
+        _, init, options, deployment = SETTINGS[sys.argv[2]]
+        print(json.dumps(child(init, options, deployment, int(sys.argv[3]), sys.argv[2] == PROJECT)))
         return
     calls = 400
     print(f"a handle call returning a [5, 1024] float32 tensor; median of {calls} single calls, and 16 concurrent callers")
